@@ -1,0 +1,25 @@
+"""ngalore_jax: Natural GaLore as composable optax gradient transformations."""
+
+from ngalore_jax._accounting import optimizer_state_bytes
+from ngalore_jax._accounting import tree_bytes
+from ngalore_jax._alias import galore
+from ngalore_jax._alias import natural_galore
+from ngalore_jax._plans import MatrixAxes
+from ngalore_jax._projection import GaLoreProjectionState
+from ngalore_jax._projection import galore_projection
+from ngalore_jax._woodbury import WoodburyState
+from ngalore_jax._woodbury import natural_direction
+from ngalore_jax._woodbury import woodbury_precondition
+
+__all__ = (
+    "GaLoreProjectionState",
+    "MatrixAxes",
+    "WoodburyState",
+    "galore",
+    "galore_projection",
+    "natural_direction",
+    "natural_galore",
+    "optimizer_state_bytes",
+    "tree_bytes",
+    "woodbury_precondition",
+)

@@ -1,0 +1,292 @@
+"""GaLore's gradient projection as a combinator around an inner optax transformation."""
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from ngalore_jax import _checks
+from ngalore_jax import _plans
+from ngalore_jax import _tree
+from ngalore_jax._woodbury import WoodburyState
+
+REFRESH_POLICIES = ("keep", "reset", "rotate")
+SVD_METHODS = ("exact", "randomized")
+DEFAULT_REFRESH_POLICY = "keep"
+
+
+class GaLoreProjectionState(NamedTuple):
+  """State of :func:`galore_projection`.
+
+  Attributes:
+    count: Number of updates so far; projectors are refreshed when it is a multiple of
+      ``update_proj_gap`` (shifted per leaf when refreshes are staggered).
+    projectors: Per leaf, a tuple of orthonormal factors: one ``[..., d, r]`` matrix for a
+      projected matrix, one ``[d_i, r_i]`` per projected mode for a Tucker-projected tensor,
+      empty for a leaf passed through unprojected.
+    inner_states: Per leaf, the inner transformation's state, initialised on the low-rank
+      coefficients (so its moments are low-rank).
+  """
+  count: chex.Array
+  projectors: Any
+  inner_states: Any
+
+
+DimensionNumbers = Union[None, _plans.MatrixAxes, str, Any, Callable[[Any], Any]]
+
+
+class _ParamsUnavailable:
+  """Stands in for ``params`` inside the projection, where only coefficients exist.
+
+  Any use raises a ``ValueError`` that says where weight decay and other parameter-dependent
+  transforms belong, instead of silently computing with the wrong shapes (optax.contrib.galore
+  hands its inner optimizer ``None``).
+  """
+
+  def __init__(self, shape):
+    self._shape = shape
+
+  def _fail(self, *args, **kwargs):
+    raise ValueError(
+        "galore_projection: the inner transformation used `params`, but inside the projection "
+        f"it only sees low-rank coefficients (here of shape {self._shape}), not the weights. "
+        "Apply parameter-dependent transforms such as optax.add_decayed_weights outside, in "
+        "the full space: optax.chain(ng.galore_projection(inner, ...), "
+        "optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr)).")
+
+  __array__ = __jax_array__ = __add__ = __radd__ = __sub__ = __rsub__ = _fail
+  __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __neg__ = __pow__ = __matmul__ = _fail
+  __rmatmul__ = __abs__ = __float__ = __bool__ = __getitem__ = _fail
+
+  def __getattr__(self, name):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    self._fail()
+
+
+def galore_projection(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    refresh_policy: str = DEFAULT_REFRESH_POLICY,
+    svd_method: str = "exact",
+    oversampling: int = 8,
+    power_iterations: int = 2,
+    stagger_refresh: bool = False,
+    dimension_numbers: DimensionNumbers = None,
+    projector_dtype: Optional[Any] = None,
+    seed: int = 0,
+) -> optax.GradientTransformation:
+  r"""Runs ``inner`` on low-rank projections of the gradients (GaLore).
+
+  For each matrix leaf ``G`` (``m x n``), every ``update_proj_gap`` steps (counting from 0) a
+  rank-``r`` orthonormal basis ``P`` of its dominant singular subspace is computed, then
+
+  .. math::
+    C = P^\top G \;(\text{or } G P), \qquad
+    \Delta = \text{scale} \cdot P\, \text{inner}(C) \;(\text{or } \text{inner}(C) P^\top).
+
+  ``inner``'s ``init`` sees the low-rank coefficient shapes, so its state (e.g. Adam's moments)
+  is low-rank: this is where GaLore saves memory. ``optax.chain(project, inner, project_back)``
+  cannot do this, because ``chain`` would initialise ``inner`` on the full-size parameters.
+
+  ``inner`` runs on each leaf separately (its state is kept per leaf), which lets each leaf's
+  state be reset or rotated when its projector changes. Transforms that need the whole tree
+  (``clip_by_global_norm``) belong outside the projection; transforms that need the weights
+  (``add_decayed_weights``) too: inside they raise a ``ValueError`` saying so.
+
+  Which leaves are projected:
+
+  - 2-D leaves: as matrices. ``proj_type="std"`` (galore-torch's default) keeps the singular
+    vectors of the smaller side, so coefficients are ``r x max(m, n)``; ``"reverse_std"`` the
+    other side (optax.contrib.galore's choice); ``"left"``/``"right"`` force a side.
+  - Leaves with more than 2 dims: a Tucker/HOSVD factor per mode (Natural GaLore, Step 1), unless
+    ``dimension_numbers`` says which axes form the matrix (:class:`MatrixAxes`; the remaining
+    axes are batch axes, e.g. stacked ``[layers, in, out]`` kernels with ``MatrixAxes(1, 2)``).
+  - 0-D/1-D leaves, and leaves whose dimension number is ``None``: passed to ``inner``
+    unprojected.
+
+  The rank is clipped to ``min(m, n)`` (per mode for Tucker). Projectors are computed in float32
+  (exact thin SVD, or a randomized range finder for large matrices) and stored in
+  ``projector_dtype`` (default: the gradient's dtype). Projections run in float32; updates
+  have the gradient's dtype.
+
+  Args:
+    inner: The transformation applied to the coefficients, e.g.
+      ``optax.chain(ng.woodbury_precondition(), optax.scale_by_adam())``.
+    rank: Rank ``r`` of the projection (>= 1).
+    update_proj_gap: Steps between projector refreshes ``T`` (>= 1).
+    scale: GaLore's ``alpha``, multiplying the projected-back update.
+    proj_type: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"``.
+    refresh_policy: What happens to ``inner``'s state when a leaf's projector is refreshed:
+      ``"keep"`` it as it is (galore-torch and the Natural GaLore code do this), ``"reset"`` it to
+      ``inner.init``, or ``"rotate"`` it into the new basis with ``R = P_new^T P_old`` (first
+      moments and gradient histories linearly, Adam's second moment with ``R * R``, the
+      diagonal of ``R diag(v) R^T``). ``"rotate"`` knows ``optax.ScaleByAdamState`` and
+      :class:`WoodburyState`; other coefficient-shaped state raises a ``ValueError``.
+    svd_method: ``"exact"`` (thin SVD) or ``"randomized"`` (range finder with subspace
+      iteration; far cheaper when ``r << min(m, n)``).
+    oversampling: Extra random directions for ``"randomized"`` (>= 0).
+    power_iterations: Subspace iterations for ``"randomized"`` (>= 0).
+    stagger_refresh: Spread the refreshes of the projected leaves evenly over the
+      ``update_proj_gap`` steps (all leaves still get a projector at step 0), so that not every
+      SVD lands on the same step.
+    dimension_numbers: ``None`` (default rules above), a :class:`MatrixAxes` applied to every leaf
+      with ndim >= 2, or a pytree (or a callable of the params returning one) with a
+      :class:`MatrixAxes`, ``"tucker"`` or ``None`` per leaf.
+    projector_dtype: dtype to store projectors in; ``None`` uses the gradient's dtype.
+    seed: Seed of the random test matrices of ``"randomized"``.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import ngalore_jax as ng
+    >>> tx = ng.galore_projection(optax.scale_by_adam(), rank=2, update_proj_gap=10)
+    >>> params = {"w": jnp.zeros((8, 4)), "b": jnp.zeros((4,))}
+    >>> state = tx.init(params)
+    >>> state.inner_states["w"].mu.shape  # Adam's moments are low-rank: 8 x r
+    (8, 2)
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (8, 4)), "b": jnp.ones((4,))}
+    >>> updates, state = tx.update(grads, state)
+    >>> updates["w"].shape
+    (8, 4)
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+    <https://arxiv.org/abs/2403.03507>`_, 2024.
+
+    Das, `Natural GaLore: Accelerating GaLore for memory-efficient LLM training and fine-tuning
+    <https://arxiv.org/abs/2410.16029>`_, 2024.
+  """
+  _checks.check_positive_int("rank", rank)
+  _checks.check_positive_int("update_proj_gap", update_proj_gap)
+  _checks.check_choice("proj_type", proj_type, _plans.PROJ_TYPES)
+  _checks.check_choice("refresh_policy", refresh_policy, REFRESH_POLICIES)
+  _checks.check_choice("svd_method", svd_method, SVD_METHODS)
+  if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
+    raise ValueError(f"`oversampling` must be an integer >= 0, got {oversampling!r}.")
+  if (isinstance(power_iterations, bool) or not isinstance(power_iterations, int)
+      or power_iterations < 0):
+    raise ValueError(f"`power_iterations` must be an integer >= 0, got {power_iterations!r}.")
+
+  def leaf_specs(tree):
+    """The dimension-number entry of each leaf, as a list in flattening order."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if dimension_numbers is None:
+      return [_plans.MatrixAxes() if x.ndim == 2 else _plans.TUCKER if x.ndim > 2 else None
+              for x in leaves]
+    if _is_matrix_axes(dimension_numbers):
+      return [dimension_numbers if x.ndim >= 2 else None for x in leaves]
+    dims = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
+    return treedef.flatten_up_to(dims)
+
+  def plans_for(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    plans = [_plans.make_plan(tuple(x.shape), spec, rank=rank, proj_type=proj_type)
+             for x, spec in zip(leaves, leaf_specs(tree))]
+    return jax.tree.unflatten(treedef, plans)
+
+  def refresh_offsets(plans):
+    """Per leaf, the shift of its refresh schedule (0 unless staggered)."""
+    leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
+    projected = [i for i, p in enumerate(leaves) if p.num_factors]
+    offsets = [0] * len(leaves)
+    if stagger_refresh:
+      for j, i in enumerate(projected):
+        offsets[i] = (j * update_proj_gap) // max(len(projected), 1)
+    return jax.tree.unflatten(treedef, offsets)
+
+  def init_fn(params):
+    plans = plans_for(params)
+
+    def init_leaf(p, plan):
+      if not plan.num_factors:
+        return (), inner.init(p)
+      factor_dtype = projector_dtype or p.dtype
+      factors = plan.init_factors(p, factor_dtype)
+      return factors, inner.init(plan.init_coefficients(p, p.dtype))
+
+    projectors, inner_states = _tree.map_unzip(init_leaf, params, plans)
+    return GaLoreProjectionState(count=jnp.zeros([], jnp.int32), projectors=projectors,
+                                 inner_states=inner_states)
+
+  def update_fn(updates, state, params=None):
+    plans = plans_for(updates)
+    offsets = refresh_offsets(plans)
+    count = state.count
+    base_key = jax.random.key(seed)
+    leaf_params = (jax.tree.map(lambda _: None, updates) if params is None else params)
+    index_tree = jax.tree.unflatten(jax.tree.structure(updates),
+                                    list(range(len(jax.tree.leaves(updates)))))
+
+    def update_leaf(g, factors, inner_state, plan, offset, index, p):
+      if not plan.num_factors:
+        new_g, new_inner = inner.update(g, inner_state, p)
+        return new_g, factors, new_inner
+      refresh = (count == 0) | ((count + offset) % update_proj_gap == 0)
+      key = jax.random.fold_in(jax.random.fold_in(base_key, count), index)
+      svd_kwargs = dict(method=svd_method, key=key, oversampling=oversampling,
+                        power_iterations=power_iterations)
+      dtype = factors[0].dtype
+      new_factors = jax.lax.cond(
+          refresh, lambda: plan.compute_factors(g, dtype, **svd_kwargs), lambda: tuple(factors))
+      inner_state = _apply_refresh_policy(refresh_policy, inner, plan, refresh, factors,
+                                          new_factors, inner_state, g.dtype)
+      coefficients = plan.project(g, new_factors)
+      low_rank_update, new_inner = inner.update(
+          coefficients, inner_state, _ParamsUnavailable(coefficients.shape))
+      full = plan.project_back(low_rank_update, new_factors, g) * scale
+      return full.astype(g.dtype), new_factors, new_inner
+
+    new_updates, projectors, inner_states = _tree.map_unzip(
+        update_leaf, updates, state.projectors, state.inner_states, plans, offsets,
+        index_tree, leaf_params, num_outputs=3)
+    return new_updates, GaLoreProjectionState(
+        count=optax.safe_int32_increment(count), projectors=projectors,
+        inner_states=inner_states)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_matrix_axes(x) -> bool:
+  return hasattr(x, "reduction_axis") and hasattr(x, "output_axis")
+
+
+def _is_plan(x) -> bool:
+  return isinstance(x, (_plans.Unprojected, _plans.MatrixPlan, _plans.TuckerPlan))
+
+
+def _apply_refresh_policy(policy, inner, plan, refresh, old_factors, new_factors, inner_state,
+                          dtype):
+  """Returns ``inner_state`` adjusted for a projector change (a no-op unless ``refresh``)."""
+  if policy == "keep":
+    return inner_state
+  if policy == "reset":
+    fresh = inner.init(jnp.zeros(plan.coefficient_shape(), dtype))
+    return jax.tree.map(lambda f, s: jnp.where(refresh, f, s).astype(s.dtype), fresh,
+                        inner_state)
+  rotation = plan.rotation(new_factors, old_factors)
+  coefficient_shape = plan.coefficient_shape()
+
+  def rotate_node(node):
+    if isinstance(node, optax.ScaleByAdamState):
+      return node._replace(mu=plan.rotate(node.mu, rotation),
+                           nu=plan.rotate(node.nu, rotation, squared=True))
+    if isinstance(node, WoodburyState):
+      return node._replace(history=plan.rotate(node.history, rotation))
+    if hasattr(node, "shape") and tuple(node.shape[-len(coefficient_shape):]) == coefficient_shape:
+      raise ValueError(
+          f"refresh_policy='rotate' does not know how to rotate inner state of type "
+          f"{type(node).__name__} with shape {node.shape}; use refresh_policy='keep' or 'reset'.")
+    return node
+
+  is_known = lambda x: isinstance(x, (optax.ScaleByAdamState, WoodburyState))
+  rotated = jax.tree.map(rotate_node, inner_state, is_leaf=is_known)
+  return jax.tree.map(lambda r, s: jnp.where(refresh, r, s), rotated, inner_state)
