@@ -1,0 +1,354 @@
+"""A LLaMA decoder in Flax NNX, with the GaLore paper's model presets.
+
+The model is a stack of pre-norm blocks, ``x + attn(norm(x))`` then
+``x + mlp(norm(x))``, between a token embedding and a final norm plus an
+(untied by default) output projection. See :mod:`models.layers` for the pieces.
+
+Parameters, as returned by :func:`split_params` (a plain nested dict; block
+indices are ``int`` keys)::
+
+  params["embed"]["embedding"]                    (vocab, hidden)
+  params["blocks"][i]["attn_norm"]["scale"]       (hidden,)
+  params["blocks"][i]["attn"]["q"]["kernel"]      (hidden, heads * head_dim)
+  params["blocks"][i]["attn"]["k"]["kernel"]      (hidden, kv_heads * head_dim)
+  params["blocks"][i]["attn"]["v"]["kernel"]      (hidden, kv_heads * head_dim)
+  params["blocks"][i]["attn"]["o"]["kernel"]      (heads * head_dim, hidden)
+  params["blocks"][i]["mlp_norm"]["scale"]        (hidden,)
+  params["blocks"][i]["mlp"]["gate"]["kernel"]    (hidden, ffn)
+  params["blocks"][i]["mlp"]["up"]["kernel"]      (hidden, ffn)
+  params["blocks"][i]["mlp"]["down"]["kernel"]    (ffn, hidden)
+  params["final_norm"]["scale"]                   (hidden,)
+  params["lm_head"]["kernel"]                     (hidden, vocab); absent when tied
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from models import llama
+  >>> cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+  ...                         num_layers=2, num_heads=4, num_kv_heads=2)
+  >>> model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+  (2, 5, 64)
+  >>> graphdef, params = llama.split_params(model)
+  >>> llama.apply(graphdef, params, jnp.zeros((2, 5), jnp.int32)).dtype
+  dtype('float32')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import layers
+from models.partitioning import batch_spec
+from models.partitioning import galore_labels
+from models.partitioning import galore_mask
+from models.partitioning import logical_axes
+from models.partitioning import logical_axis_rules
+from models.partitioning import partition_specs
+
+__all__ = [
+    "CONFIGS",
+    "Block",
+    "Llama",
+    "LlamaConfig",
+    "abstract_params",
+    "apply",
+    "batch_spec",
+    "galore_labels",
+    "galore_mask",
+    "init_params",
+    "logical_axes",
+    "logical_axis_rules",
+    "partition_specs",
+    "split_params",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LlamaConfig:
+  """Shapes and numerics of a LLaMA model.
+
+  Frozen and hashable (it is static data of the graphdef); derive variants with
+  ``dataclasses.replace``. ``dtype`` and ``param_dtype`` accept anything
+  ``jnp.dtype`` does and are stored as their names (``"float32"``, ``"bfloat16"``),
+  so ``dataclasses.asdict(cfg)`` is JSON-ready.
+
+  Attributes:
+    vocab_size: number of token ids.
+    hidden_size: model width ``d``.
+    intermediate_size: SwiGLU width ``ffn``.
+    num_layers: number of blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention); ``None`` means
+      ``num_heads``. ``dataclasses.replace`` keeps it, so set it again when
+      changing ``num_heads``.
+    max_position_embeddings: longest sequence the model accepts.
+    rope_theta: RoPE base.
+    rms_norm_eps: RMSNorm epsilon.
+    tie_word_embeddings: if True, logits use the embedding table and there is
+      no ``lm_head`` parameter.
+    dtype: compute dtype of activations and matmuls; logits are always float32.
+    param_dtype: storage dtype of the parameters.
+    remat: if True, each block is rematerialised in the backward pass
+      (``nnx.remat``), trading compute for activation memory.
+    remat_policy: optional name of a ``jax.checkpoint_policies`` member (e.g.
+      ``"dots_with_no_batch_dims_saveable"``) used when ``remat`` is True.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 256
+  intermediate_size: int = 688
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  max_position_embeddings: int = 512
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  remat: bool = False
+  remat_policy: str | None = None
+
+  def __post_init__(self):
+    if self.num_kv_heads is None:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    for name in ("dtype", "param_dtype"):
+      dtype = jnp.dtype(getattr(self, name))
+      if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a float dtype, got {dtype}")
+      object.__setattr__(self, name, dtype.name)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "max_position_embeddings"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                       f"num_heads={self.num_heads}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.remat_policy is not None and not hasattr(jax.checkpoint_policies,
+                                                     self.remat_policy):
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}")
+
+  @property
+  def head_dim(self) -> int:
+    """Width of one attention head, ``hidden_size // num_heads``."""
+    return self.hidden_size // self.num_heads
+
+  def num_params(self) -> int:
+    """Number of parameters, counted analytically.
+
+    Per block: ``d * (2 * heads + 2 * kv_heads) * head_dim`` for attention,
+    ``3 * d * ffn`` for the MLP and ``2 * d`` for the two norm scales; plus
+    ``vocab * d`` for the embedding, ``d`` for the final norm and ``d * vocab``
+    for the lm_head unless tied.
+    """
+    d, hd = self.hidden_size, self.head_dim
+    attn = d * (2 * self.num_heads + 2 * self.num_kv_heads) * hd
+    block = attn + 3 * d * self.intermediate_size + 2 * d
+    head = 0 if self.tie_word_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.num_layers * block + d + head
+
+  def num_matmul_params(self) -> int:
+    """Parameters used in matmuls: all blocks' kernels plus the output projection.
+
+    The embedding lookup is a gather and the norms are elementwise, so neither
+    counts; the output projection counts once whether or not it is tied.
+    """
+    d, hd = self.hidden_size, self.head_dim
+    attn = d * (2 * self.num_heads + 2 * self.num_kv_heads) * hd
+    return self.num_layers * (attn + 3 * d * self.intermediate_size) + d * self.vocab_size
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) at sequence length ``seq_len``.
+
+    .. math::
+      6 N_{\\mathrm{matmul}} + 12 \\, L \\, H \\, d_{\\mathrm{head}} \\, T
+
+    The first term is 2 FLOPs per multiply-add per matmul weight, times 3 for
+    forward plus backward (:meth:`num_matmul_params`). The second counts the
+    score (``q k^T``) and value (``p v``) products, ``2 * 2 * H * d_head * T``
+    per token and layer forward, times 3. As in PaLM's MFU, the full ``T x T``
+    square is counted (the dense computation here does all of it); halve the
+    second term for a causal-only count. Elementwise work (norms, RoPE,
+    softmax, SwiGLU) is ignored.
+
+    Args:
+      seq_len: training sequence length ``T``.
+
+    Returns:
+      FLOPs per trained token.
+
+    References:
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022, appendix B
+    """
+    attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+    return float(6 * self.num_matmul_params() + attention)
+
+
+_PAPER = dict(vocab_size=32000, tie_word_embeddings=False, rms_norm_eps=1e-6,
+              max_position_embeddings=1024)
+
+#: Presets: the GaLore paper's LLaMA shapes, plus ``tiny`` for CPU tests and demos.
+CONFIGS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(**{**_PAPER, "max_position_embeddings": 512}, hidden_size=256,
+                        intermediate_size=688, num_heads=4, num_layers=4),
+    "60m": LlamaConfig(**_PAPER, hidden_size=512, intermediate_size=1376, num_heads=8,
+                       num_layers=8),
+    "130m": LlamaConfig(**_PAPER, hidden_size=768, intermediate_size=2048, num_heads=12,
+                        num_layers=12),
+    "350m": LlamaConfig(**_PAPER, hidden_size=1024, intermediate_size=2736, num_heads=16,
+                        num_layers=24),
+    "1b": LlamaConfig(**_PAPER, hidden_size=2048, intermediate_size=5461, num_heads=32,
+                      num_layers=24),
+    "7b": LlamaConfig(**{**_PAPER, "max_position_embeddings": 2048}, hidden_size=4096,
+                      intermediate_size=11008, num_heads=32, num_layers=32),
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: ``x + attn(attn_norm(x))``, then ``x + mlp(mlp_norm(x))``."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    norm = dict(eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.attn_norm = layers.RMSNorm(config.hidden_size, **norm)
+    self.attn = layers.Attention(
+        config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+        rope_theta=config.rope_theta, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(config.hidden_size, **norm)
+    self.mlp = layers.MLP(config.hidden_size, config.intermediate_size, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x), positions)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+def _call_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
+  return block(x, positions)
+
+
+class Llama(nnx.Module):
+  """The LLaMA decoder-only language model.
+
+  Attributes:
+    config: the :class:`LlamaConfig`.
+    embed: token embedding, :class:`models.layers.Embed`.
+    blocks: ``nnx.List`` of :class:`Block`.
+    final_norm: :class:`models.layers.RMSNorm` before the output projection.
+    lm_head: :class:`models.layers.Linear` ``(hidden, vocab)``, or ``None`` when
+      ``config.tie_word_embeddings``.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.config = config
+    self.embed = layers.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = layers.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype,
+                                     param_dtype=param_dtype)
+    if config.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = layers.Linear(config.hidden_size, config.vocab_size, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """Next-token logits.
+
+    Args:
+      tokens: integer token ids, ``[batch, seq]``.
+      positions: optional integer positions for RoPE, ``[batch, seq]``; defaults
+        to ``0 .. seq-1`` in every row. Attention is causal by index whatever
+        the positions.
+
+    Returns:
+      float32 logits, ``[batch, seq, vocab]``.
+    """
+    config = self.config
+    batch, seq = tokens.shape
+    if seq > config.max_position_embeddings:
+      raise ValueError(f"sequence length {seq} exceeds max_position_embeddings="
+                       f"{config.max_position_embeddings}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    call_block = _call_block
+    if config.remat:
+      policy = None
+      if config.remat_policy is not None:
+        policy = getattr(jax.checkpoint_policies, config.remat_policy)
+      call_block = nnx.remat(_call_block, policy=policy)
+    x = self.embed(tokens)
+    for block in self.blocks:
+      x = call_block(block, x, positions)
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      return self.embed.attend(x)
+    return self.lm_head(x).astype(jnp.float32)
+
+
+def split_params(model: Llama) -> tuple[nnx.GraphDef, dict[str, Any]]:
+  """The pure functional view of a model: its graphdef and a nested dict of its params.
+
+  Args:
+    model: a :class:`Llama` (or any NNX module whose state is all ``nnx.Param``).
+
+  Returns:
+    ``(graphdef, params)``, where ``params`` is a plain nested dict of arrays
+    (``nnx.to_pure_dict``) with the keys listed in the module doc.
+  """
+  graphdef, state = nnx.split(model, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def apply(
+    graphdef: nnx.GraphDef,
+    params: dict[str, Any],
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+) -> jax.Array:
+  """Pure forward pass: rebuilds the model from ``(graphdef, params)`` and calls it.
+
+  Safe under ``jax.jit``/``jax.grad`` (``graphdef`` is static data).
+
+  Args:
+    graphdef: from :func:`split_params`, :func:`init_params` or :func:`abstract_params`.
+    params: nested dict of arrays, same structure as :func:`split_params` returns.
+    tokens: integer token ids, ``[batch, seq]``.
+    positions: optional RoPE positions, ``[batch, seq]``.
+
+  Returns:
+    float32 logits, ``[batch, seq, vocab]``.
+  """
+  return nnx.merge(graphdef, params)(tokens, positions)
+
+
+def init_params(config: LlamaConfig, seed: int = 0) -> tuple[nnx.GraphDef, dict[str, Any]]:
+  """Builds a randomly initialised model and returns :func:`split_params` of it."""
+  return split_params(Llama(config, rngs=nnx.Rngs(seed)))
+
+
+def abstract_params(config: LlamaConfig) -> tuple[nnx.GraphDef, dict[str, Any]]:
+  """Like :func:`init_params` with ``jax.ShapeDtypeStruct`` leaves; allocates nothing.
+
+  Examples:
+    >>> import math
+    >>> from models import llama
+    >>> cfg = llama.CONFIGS["7b"]
+    >>> _, params = llama.abstract_params(cfg)
+    >>> sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == cfg.num_params()
+    True
+  """
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  return split_params(model)
