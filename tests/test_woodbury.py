@@ -143,15 +143,15 @@ def test_chain_with_adam_converges_on_stochastic_regression():
   # The empirical Fisher needs gradient noise: on a deterministic quadratic successive gradients
   # are nearly collinear and (lam I + H H^T)^{-1} amplifies their tiny differences.
   key = jax.random.key(0)
-  target = jax.random.normal(key, (8, 4))
+  target = jax.random.normal(key, (16, 8))
   loss = lambda p, x: jnp.mean((x @ p["w"] - x @ target) ** 2)
   tx = optax.chain(ng.woodbury_precondition(history_size=5, damping=1e-3), optax.adam(0.02))
-  params = {"w": jnp.zeros((8, 4))}
+  params = {"w": jnp.zeros((16, 8))}
   state = tx.init(params)
 
   @jax.jit
   def step(params, state, k):
-    updates, state = tx.update(jax.grad(loss)(params, jax.random.normal(k, (32, 8))), state)
+    updates, state = tx.update(jax.grad(loss)(params, jax.random.normal(k, (32, 16))), state)
     return optax.apply_updates(params, updates), state
 
   for i in range(400):
