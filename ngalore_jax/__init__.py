@@ -7,6 +7,7 @@ from ngalore_jax._alias import natural_galore
 from ngalore_jax._plans import MatrixAxes
 from ngalore_jax._projection import GaLoreProjectionState
 from ngalore_jax._projection import galore_projection
+from ngalore_jax._state_sharding import state_shardings
 from ngalore_jax._woodbury import WoodburyState
 from ngalore_jax._woodbury import natural_direction
 from ngalore_jax._woodbury import woodbury_precondition
@@ -20,6 +21,7 @@ __all__ = (
     "natural_direction",
     "natural_galore",
     "optimizer_state_bytes",
+    "state_shardings",
     "tree_bytes",
     "woodbury_precondition",
 )

@@ -169,8 +169,10 @@ class MatrixPlan:
 
   def rotation(self, new_factors, old_factors):
     """``R = B_new^T B_old``: maps coefficients in the old basis to the new one."""
-    return (jnp.einsum("...ka,...kb->...ab", new_factors[0].astype(jnp.float32),
-                       old_factors[0].astype(jnp.float32)),)
+    new, old = (f[0].astype(jnp.float32) for f in (new_factors, old_factors))
+    sharding = _sharding.explicit_sharding(new)
+    batch_axes = [] if sharding is None else _sharding.spec_axes(sharding.spec, new.ndim)[:-2]
+    return (_sharding.einsum("...ka,...kb->...ab", new, old, out_axes=batch_axes + [(), ()]),)
 
   def rotate(self, x: jax.Array, rotation, *, squared: bool = False) -> jax.Array:
     """Applies the rotation to coefficient-shaped ``x`` (extra leading axes allowed).
