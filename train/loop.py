@@ -1,0 +1,430 @@
+"""The training loop: set-up, one jitted train step, evaluation, checkpoints, metrics.
+
+:func:`train_and_evaluate` is the whole run. Its set-up (:func:`setup`) does
+everything that can fail because of a bad flag before anything is compiled,
+raising :class:`~train.config.ConfigError` with a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models import llama
+from train import checkpointing
+from train import config as config_lib
+from train import metrics as metrics_lib
+from train import optimizers
+from train import sharding as sharding_lib
+from train.config import ConfigError, TrainConfig
+
+# Flags that change what is being trained: resuming across a change is refused.
+_IDENTITY_FLAGS = ("model", "model_overrides", "optimizer")
+# Flags that change the data order or the update rule: resuming across a change is allowed
+# but no longer reproduces an uninterrupted run, so it is reported.
+_REPRO_FLAGS = ("dataset", "tokenizer", "seed", "batch_size", "seq_len", "steps", "lr",
+                "warmup_steps", "final_lr_ratio", "rank", "update_proj_gap", "scale",
+                "history_size", "damping", "b1", "b2", "weight_decay", "grad_clip")
+
+
+class TrainState(NamedTuple):
+  """Everything a checkpoint holds besides metadata.
+
+  Attributes:
+    step: number of optimizer updates applied (int32 scalar); also the data
+      position, since batch ``i`` is ``dataset.batch(i, ...)``.
+    params: the model parameters (nested dict of arrays).
+    opt_state: the optax state.
+    rng: a PRNG key advanced once per step, reserved for stochastic layers
+      (e.g. dropout), so a resumed run continues the same random stream.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass
+class Setup:
+  """The resolved pieces of a run (see :func:`setup`)."""
+  config: TrainConfig
+  model_config: Any
+  workdir: str
+  tokenizer: Any
+  train_data: Any
+  eval_data: Any
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: TrainState
+  abstract_state: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def maybe_initialize_distributed(config: TrainConfig) -> None:
+  """Calls ``jax.distributed.initialize`` for multi-process launches.
+
+  Explicit flags win; otherwise a coordinator in the environment
+  (``JAX_COORDINATOR_ADDRESS``) or a multi-task SLURM/Open MPI launch lets JAX
+  auto-detect the cluster. Single-process runs do nothing.
+  """
+  if config.coordinator_address:
+    jax.distributed.initialize(config.coordinator_address, config.num_processes,
+                               config.process_id)
+    return
+  env = os.environ
+  launched = ("JAX_COORDINATOR_ADDRESS" in env
+              or int(env.get("SLURM_NTASKS", "1")) > 1
+              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  if launched:
+    jax.distributed.initialize()
+
+
+def cross_entropy(graphdef: Any, params: Any, batch: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy of ``batch`` ``[B, T + 1]`` (float32)."""
+  logits = llama.apply(graphdef, params, batch[:, :-1])
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), batch[:, 1:])
+  return losses.mean()
+
+
+def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule):
+  """A pure train step ``(state, batch) -> (state, metrics)`` to be jitted."""
+
+  def train_step(state: TrainState, batch: jax.Array):
+    loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(graphdef, state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng, _ = jax.random.split(state.rng)
+    metrics = {
+        "train_loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "lr": schedule(state.step),
+    }
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  return train_step
+
+
+def setup(config: TrainConfig) -> Setup:
+  """Resolves model, data, mesh, optimizer and shardings; compiles nothing.
+
+  Args:
+    config: the run configuration.
+
+  Returns:
+    A :class:`Setup`.
+
+  Raises:
+    ConfigError: for any flag that does not fit (model, rank, sequence length,
+      dataset path, mesh, batch size, ...).
+  """
+  from train import data  # pylint: disable=import-outside-toplevel
+
+  model_cfg = config_lib.model_config(config)
+  config_lib.validate(config, model_cfg)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  sharding_lib.check_batch_size(mesh, config.batch_size)
+
+  try:
+    tokenizer = data.load_tokenizer(config.tokenizer, cache_dir=config.cache_dir)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"--tokenizer {config.tokenizer or '(default)'}: {e}") from e
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's"
+                      f" vocab_size {model_cfg.vocab_size}")
+  datasets = []
+  for split in ("train", "validation"):
+    try:
+      datasets.append(data.load_dataset(
+          config.dataset, split=split, seq_len=config.seq_len, tokenizer=tokenizer,
+          cache_dir=config.cache_dir, data_dir=config.data_dir))
+    except (OSError, ValueError, KeyError) as e:
+      named = config.dataset in str(e)
+      raise ConfigError(f"--dataset{'' if named else ' ' + config.dataset}: {e}") from e
+
+  graphdef, abstract_params = llama.abstract_params(model_cfg)
+  param_sh = sharding_lib.param_shardings(mesh, abstract_params)
+  abstract_params = sharding_lib.with_shardings(abstract_params, param_sh)
+
+  schedule = optimizers.learning_rate_schedule(config)
+  tx = optimizers.build_optimizer(config, schedule)
+  repl = sharding_lib.replicated(mesh)
+  state_sh = TrainState(repl, param_sh, sharding_lib.state_shardings(tx, abstract_params), repl)
+  abstract = jax.eval_shape(
+      lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)),
+      abstract_params)
+  abstract = sharding_lib.with_shardings(abstract, state_sh)
+  return Setup(config, model_cfg, config.resolved_workdir(), tokenizer, datasets[0], datasets[1],
+               mesh, graphdef, tx, schedule, state_sh, abstract,
+               sharding_lib.batch_sharding(mesh))
+
+
+def init_state(s: Setup) -> TrainState:
+  """Fresh parameters (seeded by ``--seed``), optimizer state and rng, sharded."""
+  cfg, seed = s.model_config, s.config.seed
+
+  def init() -> TrainState:
+    _, params = llama.init_params(cfg, seed)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    return TrainState(jnp.zeros((), jnp.int32), params, s.tx.init(params), rng)
+
+  return jax.jit(init, out_shardings=s.state_shardings)()
+
+
+class _SigintFlag:
+  """Turns the first Ctrl-C into a request to save and stop; a second one aborts."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print("\nCtrl-C: saving a checkpoint after this step (press again to abort)",
+          file=sys.stderr, flush=True)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, workdir: str) -> None:
+  current = config.to_dict()
+  for key in _IDENTITY_FLAGS:
+    if saved.get(key) != current[key]:
+      raise ConfigError(
+          f"--workdir {workdir} holds a run with {key}={saved.get(key)!r}, not {current[key]!r};"
+          " choose another --workdir or delete it")
+  changed = [k for k in _REPRO_FLAGS if saved.get(k) != current[k]]
+  if changed:
+    print(f"warning: resuming with changed {', '.join(changed)}; the run will not reproduce"
+          " an uninterrupted one", file=sys.stderr)
+
+
+def _initial_eval_perplexity(path: str) -> Optional[float]:
+  if not os.path.exists(path):
+    return None
+  for record in metrics_lib.read_metrics(path):
+    if record.get("step") == 0 and "eval_perplexity" in record:
+      return record["eval_perplexity"]
+  return None
+
+
+def _restore_or_init(s: Setup, ckpt: checkpointing.Checkpointer) -> tuple[TrainState, Optional[int]]:
+  """The newest checkpoint's state (after checking it belongs to this run), or a fresh one."""
+  step = ckpt.latest_step()
+  if step is None:
+    return init_state(s), None
+  _check_resumable(ckpt.restore_meta(step)["config"], s.config, s.workdir)
+  state, meta = ckpt.restore(step, s.abstract_state)
+  if meta["data_position"] != int(state.step):
+    raise RuntimeError(f"checkpoint {step}: data position {meta['data_position']}"
+                       f" does not match step {int(state.step)}")
+  return state, step
+
+
+def _write_resolved_config(s: Setup, resumed_from: Optional[int]) -> None:
+  """``WORKDIR/config.json``: flags, model config, data, mesh, what was resumed."""
+  resolved = {
+      "train": s.config.to_dict(),
+      "model": dataclasses.asdict(s.model_config),
+      "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state.params)),
+      "flops_per_token": float(s.model_config.flops_per_token(s.config.seq_len)),
+      "dataset": s.train_data.describe(),
+      "eval_dataset": s.eval_data.describe(),
+      "tokenizer_vocab_size": s.tokenizer.vocab_size,
+      "mesh": dict(s.mesh.shape),
+      "sharding_strategy": sharding_lib.strategy(s.mesh),
+      "devices": jax.device_count(),
+      "processes": jax.process_count(),
+      "resumed_from": resumed_from,
+  }
+  os.makedirs(s.workdir, exist_ok=True)
+  with open(os.path.join(s.workdir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(resolved, f, indent=2, sort_keys=True, default=str)
+
+
+def _peak_flops(config: TrainConfig) -> Optional[float]:
+  if config.peak_tflops:
+    return config.peak_tflops * 1e12
+  per_device = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind)
+  return per_device * jax.device_count() if per_device else None
+
+
+def compile_train_step(s: Setup):
+  """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
+  abstract_batch = jax.ShapeDtypeStruct((s.config.batch_size, s.config.seq_len + 1), jnp.int32,
+                                        sharding=s.batch_sharding)
+  return jax.jit(
+      make_train_step(s.graphdef, s.tx, s.schedule),
+      in_shardings=(s.state_shardings, s.batch_sharding),
+      out_shardings=(s.state_shardings, sharding_lib.replicated(s.mesh)),
+      donate_argnums=0).lower(s.abstract_state, abstract_batch).compile()
+
+
+class Evaluator:
+  """Mean held-out loss over fixed ``--eval-batches`` batches of the validation split."""
+
+  def __init__(self, s: Setup):
+    self._loss = jax.jit(
+        lambda params, batch: cross_entropy(s.graphdef, params, batch),
+        in_shardings=(s.state_shardings.params, s.batch_sharding),
+        out_shardings=sharding_lib.replicated(s.mesh))
+    self._batches = [
+        sharding_lib.put_batch(np.asarray(b, np.int32), s.batch_sharding)
+        for b in s.eval_data.eval_batches(s.config.batch_size, s.config.eval_batches)]
+
+  def loss(self, params: Any, batch: jax.Array) -> float:
+    return float(self._loss(params, batch))
+
+  def __call__(self, params: Any) -> dict[str, float]:
+    loss = float(np.mean([self.loss(params, b) for b in self._batches]))
+    return {"eval_loss": loss, "eval_perplexity": metrics_lib.perplexity(loss)}
+
+
+def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
+  """Runs (or resumes) pretraining and returns a summary.
+
+  Resumes from the newest checkpoint in ``WORKDIR/checkpoints`` if there is
+  one. Writes ``WORKDIR/config.json``, ``metrics.jsonl``, TensorBoard events
+  under ``tensorboard/`` and async orbax checkpoints (the last
+  ``--keep-checkpoints``, one every ``--checkpoint-every`` steps and at the end).
+
+  Args:
+    config: the run configuration.
+
+  Returns:
+    A dict with the final ``train_loss``, ``eval_loss``, ``eval_perplexity``,
+    ``initial_eval_perplexity``, ``steps_done``, ``interrupted``,
+    ``tokens_per_sec``, ``wall_time_sec``, ``compile_sec`` and output paths.
+
+  Raises:
+    ConfigError: for bad flags (before any compilation).
+  """
+  wall_start = time.perf_counter()
+  s = setup(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(s.workdir, "checkpoints"),
+                                    keep=config.keep_checkpoints)
+  try:
+    state, resumed_from = _restore_or_init(s, ckpt)
+    lead = jax.process_index() == 0
+    if lead:
+      _write_resolved_config(s, resumed_from)
+    writer = metrics_lib.MetricsWriter(s.workdir, resume_step=int(state.step), enabled=lead)
+    try:
+      summary = _train(s, state, ckpt, writer, lead)
+    finally:
+      writer.close()
+  finally:
+    ckpt.close()
+  summary.update({
+      "wall_time_sec": time.perf_counter() - wall_start,
+      "initial_eval_perplexity": _initial_eval_perplexity(writer.path),
+      "workdir": os.path.abspath(s.workdir),
+      "metrics": os.path.abspath(writer.path),
+      "tensorboard": os.path.abspath(writer.tensorboard_dir),
+      "checkpoints": ckpt.directory,
+      "last_checkpoint": ckpt.latest_step(),
+  })
+  return summary
+
+
+def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
+           writer: metrics_lib.MetricsWriter, lead: bool) -> dict[str, Any]:
+  """The step loop: train, log, evaluate, checkpoint, stop on Ctrl-C or --stop-at."""
+  config = s.config
+  start, end = int(state.step), config.stop_at or config.steps
+  tokens_per_step = config.batch_size * config.seq_len
+  flops_per_token = float(s.model_config.flops_per_token(config.seq_len))
+  peak = _peak_flops(config)
+
+  compile_start = time.perf_counter()
+  train_step = compile_train_step(s)
+  compile_sec = time.perf_counter() - compile_start
+  evaluate = Evaluator(s)
+
+  def train_batch(step: int) -> jax.Array:
+    host = s.train_data.batch(step, config.batch_size, config.seed)
+    return sharding_lib.put_batch(np.asarray(host, np.int32), s.batch_sharding)
+
+  def meta(step: int) -> dict[str, Any]:
+    return {"step": step, "data_position": step, "seed": config.seed, "config": config.to_dict()}
+
+  last_eval, last_eval_step = {}, -1
+  if start == 0:
+    last_eval, last_eval_step = evaluate(state.params), 0
+    writer.write(0, {"train_loss": evaluate.loss(state.params, train_batch(0)),
+                     "lr": float(s.schedule(0)), "tokens_per_sec": None, **last_eval})
+
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm(total=end, initial=start, disable=not (config.progress and lead),
+             desc=f"{config.optimizer} {config.model}", unit="step", dynamic_ncols=True)
+  record: dict[str, Any] = {}
+  train_tokens, train_seconds = 0, 0.0
+  step = start
+  with _SigintFlag() as sigint:
+    t_last, step_last = time.perf_counter(), start
+    while step < end:
+      state, step_metrics = train_step(state, train_batch(step))
+      step += 1
+      stopping = sigint.requested or step == end
+      eval_due = step == config.steps or (config.eval_every and step % config.eval_every == 0)
+      if step % config.log_every == 0 or eval_due or stopping:
+        host = jax.device_get(step_metrics)
+        record = {k: float(host.pop(k)) for k in ("train_loss", "lr")}
+        seconds = time.perf_counter() - t_last
+        tokens = (step - step_last) * tokens_per_step
+        train_tokens, train_seconds = train_tokens + tokens, train_seconds + seconds
+        record.update(metrics_lib.throughput(tokens, seconds, flops_per_token=flops_per_token,
+                                             peak_flops=peak))
+        record["step_time_sec"] = seconds / (step - step_last)
+        record.update({k: float(v) for k, v in host.items()})
+        if eval_due:
+          last_eval, last_eval_step = evaluate(state.params), step
+          record.update(last_eval)
+        writer.write(step, record)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                        tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
+        t_last, step_last = time.perf_counter(), step
+      if stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+        ckpt.save(step, state, meta(step))
+      bar.update(1)
+      if sigint.requested:
+        break
+  bar.close()
+  if last_eval_step != step:  # stopped between evaluations, or resumed a finished run
+    last_eval = evaluate(state.params)
+  return {
+      "steps_done": step,
+      "steps": config.steps,
+      "interrupted": sigint.requested,
+      "stopped_early": step < config.steps,
+      "train_loss": record.get("train_loss"),
+      **last_eval,
+      "tokens_per_sec": train_tokens / train_seconds if train_seconds else None,
+      "compile_sec": compile_sec,
+      "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state.params)),
+  }
