@@ -15,9 +15,33 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 # Hugging Face's LLaMA initializer: N(0, 0.02) for every matrix and embedding.
 DEFAULT_INIT_STD = 0.02
+
+
+def _explicit_mesh(x: jax.Array) -> jax.sharding.AbstractMesh | None:
+  """The mesh of ``x`` if it is sharded in Explicit mode, else None."""
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    return None
+  return mesh
+
+
+def gather_weight(w: jax.Array) -> jax.Array:
+  """All-gathers a weight that is sharded over an Explicit mesh; identity otherwise.
+
+  Under an Explicit mesh, JAX refuses a matmul whose contracting dimension is
+  sharded over the same axis as the batch (the FSDP layout), so weights are
+  gathered before use (FSDP's gather-on-use) and compute is data parallel.
+  Under an Auto mesh, XLA's partitioner chooses the collectives itself, which
+  keeps tensor-parallel compute.
+  """
+  mesh = _explicit_mesh(w)
+  if mesh is None or all(axis is None for axis in jax.typeof(w).sharding.spec):
+    return w
+  return jax.sharding.reshard(w, NamedSharding(mesh, PartitionSpec()))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -128,7 +152,7 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return jnp.dot(x.astype(self.dtype), gather_weight(self.kernel[...]).astype(self.dtype))
 
 
 class Embed(nnx.Module):
@@ -152,11 +176,18 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    table = gather_weight(self.embedding[...])
+    mesh = _explicit_mesh(tokens)
+    if mesh is None:
+      return jnp.take(table, tokens, axis=0).astype(self.dtype)
+    spec = tuple(jax.typeof(tokens).sharding.spec)
+    spec += (None,) * (tokens.ndim + 1 - len(spec))  # the new feature axis is not sharded
+    out_sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    return table.at[tokens].get(out_sharding=out_sharding).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits ``x @ embedding.T`` (tied lm_head), accumulated in float32."""
-    table = self.embedding[...].astype(self.dtype)
+    table = gather_weight(self.embedding[...]).astype(self.dtype)
     return jnp.einsum("...d,vd->...v", x.astype(self.dtype), table,
                       preferred_element_type=jnp.float32)
 

@@ -26,6 +26,12 @@ Strategies map logical axes to mesh axes (unlisted logical axes are replicated):
 - ``"tp"``: ``heads``, ``kv_heads``, ``mlp``, ``vocab`` over ``tensor_axis``
   (Megatron column/row split); batch over data.
 - ``"fsdp_tp"``: both of the above.
+
+Mesh axis types: under an ``AxisType.Auto`` mesh, XLA's partitioner picks the
+collectives (true tensor-parallel compute). Under an ``AxisType.Explicit`` mesh
+(``jax.make_mesh``'s default), the model all-gathers each weight before use
+(:func:`models.layers.gather_weight`): the layouts above still shard storage,
+parameter gradients come back in them, and compute is data parallel.
 """
 
 from __future__ import annotations

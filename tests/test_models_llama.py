@@ -276,10 +276,11 @@ def test_partition_specs_fit_the_mesh():
   assert llama.batch_spec("fsdp", mesh=only_fsdp) == P("fsdp", None)
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
 @pytest.mark.parametrize("strategy", ["dp", "fsdp_tp"])
-def test_sharded_forward_matches_unsharded(small, strategy):
+def test_sharded_forward_matches_unsharded(small, strategy, axis_type):
   graphdef, params = small
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3)
   specs = llama.partition_specs(params, strategy, mesh=mesh)
   sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
   tokens = _tokens(8, 6, SMALL.vocab_size)
@@ -288,6 +289,11 @@ def test_sharded_forward_matches_unsharded(small, strategy):
   np.testing.assert_allclose(out, _forward(graphdef, params, tokens), rtol=1e-5, atol=1e-5)
   if strategy == "fsdp_tp":
     assert sharded["blocks"][0]["attn"]["q"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  if axis_type == AxisType.Explicit and strategy == "fsdp_tp":
+    # Weights are gathered on use; their gradients come back in the parameters' layout.
+    grads = jax.jit(jax.grad(lambda p: _forward(graphdef, p, sharded_tokens).mean()))(sharded)
+    jax.tree.map(lambda g, s: np.testing.assert_equal(g.sharding.spec, s), grads, specs,
+                 is_leaf=lambda x: isinstance(x, P))
 
 
 # Training.
