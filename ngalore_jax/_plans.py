@@ -94,8 +94,9 @@ class MatrixPlan:
 
     The coefficients keep the full-size dimension of the gradient; it is split over the mesh
     axes of *both* gradient dimensions when divisible (so FSDP over the projected-away side is
-    not lost), else over its own axes, else replicated. The projector is split along its
-    full-size dimension by that dimension's own axes when divisible.
+    not lost), else over its own axes; when the full-size dimension divides by neither, the rank
+    dimension is split instead if it can be, else the coefficients are replicated. The projector
+    is split over the same mesh axes, along its long dimension or else its rank dimension.
     """
     sharding = _sharding.explicit_sharding(like)
     if sharding is None or self.perm is not None:
@@ -108,18 +109,24 @@ class MatrixPlan:
       own, other, full_size, proj_size = cols, rows, self.n, self.m
     else:
       own, other, full_size, proj_size = rows, cols, self.m, self.n
+    full, rank_dim = (), ()
     if fits(full_size, own + other):
       full = own + other
     elif fits(full_size, own):
       full = own
+    elif fits(self.rank, own + other):
+      rank_dim = own + other  # e.g. LLaMA-1B's 5461-wide MLP: split the rank instead
+    pool = own + other  # every mesh axis this weight is split over
+    if fits(proj_size, pool):
+      projector = batch_axes + [pool, ()]
+    elif fits(self.rank, pool):
+      projector = batch_axes + [(), pool]
     else:
-      full = ()
-    proj_dim = other if fits(proj_size, other) else ()
-    projector = batch_axes + [proj_dim, ()]
+      projector = batch_axes + [other if fits(proj_size, other) else (), ()]
     if self.side == "left":
-      coefficients = batch_axes + [(), full]
+      coefficients = batch_axes + [rank_dim, full]
     else:
-      coefficients = batch_axes + [full, ()]
+      coefficients = batch_axes + [full, rank_dim]
     return mesh, projector, coefficients, batch_axes + [rows, cols]
 
   # -- linear algebra ---------------------------------------------------------------------------
@@ -183,10 +190,12 @@ class MatrixPlan:
     (r,) = rotation
     r = r * r if squared else r
     xf = x.astype(jnp.float32)
+    sharding = _sharding.explicit_sharding(x)
+    out_axes = None if sharding is None else _sharding.spec_axes(sharding.spec, x.ndim)
     if self.side == "left":
-      out = jnp.einsum("...ab,...bn->...an", r, xf)
+      out = _sharding.einsum("...ab,...bn->...an", r, xf, out_axes=out_axes)
     else:
-      out = jnp.einsum("...mb,...ab->...ma", xf, r)
+      out = _sharding.einsum("...mb,...ab->...ma", xf, r, out_axes=out_axes)
     return out.astype(x.dtype)
 
 

@@ -17,12 +17,14 @@ LEAVES = {
     "wide": ((16, 64), P(None, "fsdp"), P(None, "fsdp")),
     # wide, sharded on the projected-away rows: the split moves to the full-size columns
     "moved": ((12, 40), P("fsdp", None), P(None, "fsdp")),
-    # as above, but 18 columns do not divide over 4 devices: replicated
-    "indivisible": ((8, 18), P("fsdp", None), P(None, None)),
+    # as above, but 18 columns do not divide over 4 devices: the rank (4) is split instead
+    "indivisible": ((8, 18), P("fsdp", None), P("fsdp", None)),
+    # an unsharded weight keeps unsharded state
+    "replicated": ((6, 9), P(), P(None, None)),
     # both axes of the mesh on one weight: both move onto the coefficients' full-size dim
     "two_axes": ((16, 48), P("data", "fsdp"), P(None, ("fsdp", "data"))),
 }
-RANK = 2
+RANK = 4
 
 
 def make_params(seed=0):

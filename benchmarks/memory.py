@@ -1,0 +1,174 @@
+"""Parameter and optimizer-state memory of the GaLore paper's LLaMA presets (paper Table 2).
+
+Everything is computed from ``jax.eval_shape`` (no allocation, so 7B runs on a laptop), with the
+breakdown of :func:`ngalore_jax.optimizer_state_bytes`. With ``--fsdp N`` it adds the per-device
+optimizer state when parameters are split over N devices (FSDP), using the shardings that
+:func:`ngalore_jax.state_shardings` assigns; with ``--compiled`` it adds XLA's own
+``memory_analysis()`` of the compiled full train step (forward, backward, optimizer update) for
+the presets named in ``--compiled-presets``.
+
+Run:  python -m benchmarks.memory [--presets 60m,1b,7b] [--fsdp 8] [--compiled]
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+if "--fsdp" in sys.argv:  # fake CPU devices must be requested before jax is imported
+  count = sys.argv[sys.argv.index("--fsdp") + 1]
+  os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={count}")
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import contrib
+
+import ngalore_jax as ng
+from models import llama
+
+PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+
+def optimizers(rank, mask):
+  """The optimizers compared, each at its defaults except the paper's rank."""
+
+  def optax_galore_dims(params):
+    is_projected = mask(params)
+    return jax.tree.map(lambda p: contrib.GaLoreDimensionNumbers() if p else None, is_projected)
+
+  return {
+      "adamw": optax.adamw(1e-3),
+      "optax.contrib.galore": contrib.galore(1e-3, rank=rank,
+                                             weight_dimension_numbers=optax_galore_dims),
+      "ng.galore": ng.galore(1e-3, rank=rank, mask=mask),
+      "ng.natural_galore": ng.natural_galore(1e-3, rank=rank, mask=mask),
+      "ng.natural_galore (bf16 history)": ng.natural_galore(1e-3, rank=rank, mask=mask,
+                                                            history_dtype=jnp.bfloat16),
+      # optax.contrib's side: projector on the larger side, coefficients r x min(m, n).
+      "ng.galore (reverse_std)": ng.galore(1e-3, rank=rank, mask=mask, proj_type="reverse_std"),
+      "ng.natural_galore (reverse_std, bf16 history)": ng.natural_galore(
+          1e-3, rank=rank, mask=mask, proj_type="reverse_std", history_dtype=jnp.bfloat16),
+  }
+
+
+def per_device_bytes(tx, abstract_params, mesh):
+  """Largest per-device optimizer-state bytes when params are FSDP-sharded over ``mesh``."""
+  specs = llama.partition_specs(abstract_params, strategy="fsdp", fsdp_axis="fsdp")
+  sharded = jax.tree.map(
+      lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype,
+                                        sharding=jax.sharding.NamedSharding(mesh, s)),
+      abstract_params, specs)
+  shardings = ng.state_shardings(tx, sharded)
+  state = jax.eval_shape(tx.init, abstract_params)
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    shard = sharding.shard_shape(leaf.shape)
+    total += int(jnp.dtype(leaf.dtype).itemsize) * int(jnp.prod(jnp.array(shard or (1,))))
+  return total
+
+
+def compiled_step_memory(tx, graphdef, abstract_params, batch, seq):
+  """XLA's memory analysis of the compiled train step (nothing is allocated)."""
+
+  def loss_fn(params, tokens):
+    logits = llama.apply(graphdef, params, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  def train_step(params, state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+      abstract_params, abstract_state, tokens).compile()
+  analysis = compiled.memory_analysis()
+  return {
+      "argument_bytes": analysis.argument_size_in_bytes,
+      "output_bytes": analysis.output_size_in_bytes,
+      "temp_bytes": analysis.temp_size_in_bytes,
+      "alias_bytes": analysis.alias_size_in_bytes,
+      "peak_estimate_bytes": (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                              - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes),
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--presets", default="60m,130m,350m,1b,7b")
+  parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--fsdp", type=int, default=0, help="also report per-device state on N devices")
+  parser.add_argument("--compiled", action="store_true", help="add XLA memory_analysis of the step")
+  parser.add_argument("--compiled-presets", default="60m")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--out", default="benchmarks/results/memory.json")
+  args = parser.parse_args(argv)
+
+  mesh = jax.make_mesh((args.fsdp,), ("fsdp",)) if args.fsdp else None
+  rows = []
+  for preset in args.presets.split(","):
+    config = dataclasses.replace(llama.CONFIGS[preset], param_dtype=args.param_dtype)
+    graphdef, params = llama.abstract_params(config)
+    rank = PAPER_RANKS[preset]
+    param_bytes = ng.tree_bytes(params)
+    for name, tx in optimizers(rank, llama.galore_mask).items():
+      state = jax.eval_shape(tx.init, params)
+      row = {"preset": preset, "rank": rank, "param_dtype": args.param_dtype,
+             "optimizer": name, "param_bytes": param_bytes, **ng.optimizer_state_bytes(state)}
+      if mesh is not None:
+        row["per_device_state_bytes"] = per_device_bytes(tx, params, mesh)
+      if args.compiled and preset in args.compiled_presets.split(","):
+        row.update({f"xla_{k}": v for k, v in compiled_step_memory(
+            tx, graphdef, params, args.batch, args.seq).items()})
+      rows.append(row)
+      print(f"  measured {preset} {name}", file=sys.stderr)
+
+  print_tables(rows, mesh)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(rows, indent=1))
+  print(f"\nwrote {out}")
+
+
+def print_tables(rows, mesh):
+  unit, unit_name = (GIB, "GiB")
+  header = ("| preset (rank) | optimizer | params | state total | x AdamW | projectors | "
+            "inner (low-rank) | history | full-rank rest |")
+  if mesh is not None:
+    header += f" state per device (FSDP {mesh.devices.size}) |"
+  print(f"\nOptimizer-state memory ({unit_name}, params in {rows[0]['param_dtype']}; "
+        "jax.eval_shape, nothing allocated)\n")
+  print(header)
+  print("|" + "---|" * (header.count("|") - 1))
+  adamw = {r["preset"]: r["total"] for r in rows if r["optimizer"] == "adamw"}
+  for r in rows:
+    # The breakdown only understands ngalore_jax's own state types.
+    part = ((lambda k: f"{r[k] / unit:.3f}") if r["optimizer"].startswith("ng.")
+            else (lambda k: "-"))
+    cells = [f"{r['preset']} ({r['rank']})", r["optimizer"], f"{r['param_bytes'] / unit:.3f}",
+             f"{r['total'] / unit:.3f}", f"{r['total'] / adamw[r['preset']]:.2f}",
+             part("projectors"), part("inner_state"), part("history"), part("other")]
+    if mesh is not None:
+      cells.append(f"{r['per_device_state_bytes'] / unit:.3f}")
+    print("| " + " | ".join(cells) + " |")
+  if any("xla_temp_bytes" in r for r in rows):
+    print("\nXLA memory_analysis of the compiled train step (MiB)\n")
+    print("| preset | optimizer | arguments | outputs | aliased | temporaries | peak estimate |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+      if "xla_temp_bytes" in r:
+        print(f"| {r['preset']} | {r['optimizer']} | {r['xla_argument_bytes'] / MIB:.1f} | "
+              f"{r['xla_output_bytes'] / MIB:.1f} | {r['xla_alias_bytes'] / MIB:.1f} | "
+              f"{r['xla_temp_bytes'] / MIB:.1f} | {r['xla_peak_estimate_bytes'] / MIB:.1f} |")
+
+
+if __name__ == "__main__":
+  main()
