@@ -1,0 +1,264 @@
+"""Pieces shared by the speed and convergence benchmarks.
+
+* :func:`build_optimizer`: the optimizers compared, each ``chain(clip_by_global_norm, <opt>)``
+  exactly as :func:`train.optimizers.build_optimizer` builds them (same masks: GaLore projects the
+  attention and MLP kernels, weight decay skips 1-D leaves), but with every option of the library
+  reachable (``exponent``, ``damping_mode``, ``refresh_policy``, ``svd_method``, ...).
+* :func:`make_lr_step`: a jitted train step whose peak learning rate is a run-time argument, so
+  one compilation serves a whole learning-rate sweep and every seed.
+* :func:`train_bpe_tokenizer`: a small byte-level BPE tokenizer trained on the TRAIN split only,
+  cached as a ``tokenizer.json`` (``train.data.load_tokenizer`` reads it).
+* Timing (:func:`time_call`), results files written atomically (:func:`update_json`), and a
+  description of the machine (:func:`machine_info`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import ngalore_jax as ng
+from models import llama
+from train import optimizers as train_optimizers
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+#: Optimizer names :func:`build_optimizer` knows.
+OPTIMIZERS = ("adamw", "optax_galore", "galore", "natural_galore")
+
+
+def enable_compilation_cache(cache_dir: Optional[str] = None) -> None:
+  """Persists XLA executables under ``<cache>/benchmarks/xla`` so reruns skip compiling."""
+  from train import fetch  # pylint: disable=import-outside-toplevel
+  path = fetch.resolve_cache_dir(cache_dir) / "benchmarks" / "xla"
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def warmup_cosine(steps: int, warmup_steps: int, final_lr_ratio: float = 0.1) -> optax.Schedule:
+  """Warm-up to 1 then cosine decay to ``final_lr_ratio``: multiply by the peak lr yourself."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps, decay_steps=steps,
+      end_value=final_lr_ratio)
+
+
+def build_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, rank: int = 32,
+                    update_proj_gap: int = 50, scale: float = 0.25, b1: float = 0.9,
+                    b2: float = 0.999, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                    **options: Any) -> optax.GradientTransformation:
+  """One of :data:`OPTIMIZERS`, with gradient clipping in front.
+
+  Args:
+    name: ``"adamw"``, ``"optax_galore"`` (``optax.contrib.galore``), ``"galore"``
+      (``ng.galore``) or ``"natural_galore"`` (``ng.natural_galore``).
+    learning_rate: a float or schedule.
+    rank: projection rank (GaLore variants).
+    update_proj_gap: steps between projector refreshes (GaLore variants).
+    scale: GaLore's alpha.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    weight_decay: decoupled weight decay on the >= 2-D leaves.
+    grad_clip: global-norm clipping of the full gradient (0 disables it).
+    **options: further keyword arguments of ``ng.galore`` / ``ng.natural_galore``
+      (``history_size``, ``damping``, ``exponent``, ``damping_mode``, ``refresh_policy``,
+      ``svd_method``, ``proj_type``, ...).
+
+  Returns:
+    An ``optax.GradientTransformation`` for the parameters of :mod:`models.llama`.
+  """
+  adam = dict(b1=b1, b2=b2)
+  projection = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale)
+  decay_mask = train_optimizers.decay_mask
+  if name != "natural_galore" and name != "galore" and options:
+    raise ValueError(f"{name} takes no options, got {sorted(options)}")
+  if name == "adamw":
+    tx = optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask, **adam)
+  elif name == "optax_galore":
+    def dims(params):
+      return jax.tree.map(
+          lambda projected: optax.contrib.GaLoreDimensionNumbers() if projected else None,
+          llama.galore_mask(params))
+    tx = optax.contrib.galore(learning_rate, **projection,
+                              base_optimizer=optax.scale_by_adam(**adam),
+                              weight_decay=weight_decay, mask=decay_mask,
+                              weight_dimension_numbers=dims)
+  elif name in ("galore", "natural_galore"):
+    alias = ng.galore if name == "galore" else ng.natural_galore
+    tx = alias(learning_rate, **projection, **adam, weight_decay=weight_decay,
+               mask=llama.galore_mask, weight_decay_mask=decay_mask, **options)
+  else:
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+  if grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  return tx
+
+
+def cross_entropy(graphdef: Any, params: Any, batch: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy of ``batch`` ``[B, T + 1]`` (the trainer's loss)."""
+  from train import loop  # pylint: disable=import-outside-toplevel
+  return loop.cross_entropy(graphdef, params, batch)
+
+
+def make_lr_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
+  """A jitted ``(params, opt_state, batch, lr) -> (params, opt_state, loss)``.
+
+  ``tx`` must be built with a schedule that peaks at 1 (:func:`warmup_cosine`): every optimizer
+  here ends in ``scale_by_learning_rate``, so multiplying its update by ``lr`` is exactly the
+  optimizer built with peak ``lr``, and a change of ``lr`` (or of the initial parameters) does
+  not recompile.
+  """
+
+  def step(params, opt_state, batch, lr):
+    loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(graphdef, params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_loss(graphdef: Any) -> Callable:
+  """A jitted ``(params, batch) -> loss``."""
+  return jax.jit(lambda params, batch: cross_entropy(graphdef, params, batch))
+
+
+def train_bpe_tokenizer(vocab_size: int, *, dataset: str = "default",
+                        cache_dir: Optional[str] = None) -> pathlib.Path:
+  """A byte-level BPE ``tokenizer.json`` trained on ``dataset``'s TRAIN split, cached.
+
+  The validation split is never seen, so held-out losses are honest. ``</s>`` (id 0) is the
+  end-of-text token that :mod:`train.data` puts between documents.
+
+  Args:
+    vocab_size: vocabulary size, the 256 byte symbols and ``</s>`` included.
+    dataset: a ``train.data.load_dataset`` spec.
+    cache_dir: the cache directory (default ``$NGALORE_CACHE`` or ``~/.cache/ngalore_jax``).
+
+  Returns:
+    The path of ``<cache>/benchmarks/bpe-<dataset>-<vocab_size>.json``.
+  """
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  from train import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
+  from train import fetch  # pylint: disable=import-outside-toplevel
+
+  safe = "".join(c if c.isalnum() else "_" for c in dataset)[:40]
+  path = fetch.resolve_cache_dir(cache_dir) / "benchmarks" / f"bpe-{safe}-{vocab_size}.json"
+  if path.is_file():
+    return path
+  corpus = corpus_lib.open_corpus(dataset, cache_dir=cache_dir)
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator((d.text for d in corpus.documents("train")), trainer=trainer)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+  os.close(fd)
+  tok.save(tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def time_call(fn: Callable[[], Any], repeats: int) -> list[float]:
+  """Wall seconds of ``repeats`` calls of ``fn``, each waited for with ``block_until_ready``."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def median(values) -> float:
+  return float(statistics.median(values))
+
+
+def machine_info() -> dict[str, Any]:
+  """CPU model, cores, load average and library versions, for the results files."""
+  cpu = platform.processor() or platform.machine()
+  with contextlib.suppress(OSError):
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  return {
+      "cpu": cpu,
+      "cpu_count": os.cpu_count(),
+      "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+      "device": jax.devices()[0].device_kind,
+      "platform": platform.platform(),
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+  }
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(str(path) + ".lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_json(path: pathlib.Path) -> dict[str, Any]:
+  """The JSON object at ``path``, or ``{}`` if there is none."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return {}
+  return json.loads(path.read_text(encoding="utf-8"))
+
+
+def update_json(path: pathlib.Path, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+  """Re-reads ``path``, lets ``fn`` change the object in place, writes it back atomically.
+
+  A file lock makes concurrent writers (background chunks) safe; nothing is lost on a crash.
+  """
+  path = pathlib.Path(path)
+  with _locked(path):
+    data = read_json(path)
+    fn(data)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(data, f, indent=1, sort_keys=True, default=_plain)
+    os.replace(tmp, path)
+  return data
+
+
+def _plain(value: Any) -> Any:
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+  """A GitHub markdown table."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def num_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def zeros_like_batch(batch_size: int, seq_len: int) -> jax.Array:
+  return jnp.zeros((batch_size, seq_len + 1), jnp.int32)

@@ -1,0 +1,419 @@
+"""Held-out loss of AdamW, GaLore and Natural GaLore at equal steps, on a CPU-sized LM.
+
+The default corpus (Shakespeare, :mod:`train.data`), a byte-level BPE tokenizer with
+``--vocab`` tokens trained on the TRAIN split only (a 32k vocabulary would make the LM head
+dominate the CPU cost), and a small LLaMA (:mod:`models.llama`). Every run: ``--steps`` steps of
+batch ``--batch-size`` x ``--seq-len``, warm-up over the first 10% then cosine decay to 0.1 x
+the peak lr, global-norm clipping 1.0, no weight decay; the held-out loss is the mean over the
+first ``--eval-sequences`` sequences of the validation split (four whole plays never trained on),
+every ``--eval-every`` steps. The seed sets both the initialisation and the data order.
+
+Variants (``--optimizers``): ``adamw``, ``optax_galore`` (``optax.contrib.galore``), ``galore``
+(``ng.galore``), ``natural_galore_paper`` (exponent -1, damping 1e-3 absolute, history 10: the
+paper) and ``natural_galore_sqrt`` (exponent -1/2, damping 1e-3 relative to the history's top
+eigenvalue, history 10: DESIGN.md's lead). All GaLore variants: rank ``--rank``, gap
+``--update-proj-gap``, scale 0.25, ``proj_type="std"``, exact SVD, refresh policy ``keep``.
+
+Phases, each writing every finished run to the results JSON at once (re-running skips runs
+already there, so the work can be split into background chunks):
+
+* ``--phase sweep``: each variant at each lr of its grid, seed 0.
+* ``--phase seeds``: each variant at its best sweep lr, seeds ``0 .. --seeds - 1``.
+* ``--ablation rank,gap,history,damping,exponent,refresh``: one knob changed from the base
+  setting, at the variant's chosen lr, seeds ``0 .. --seeds - 1``.
+* ``--report``: only print the tables and draw the plot from the JSON.
+
+Run:  python -m benchmarks.convergence --phase sweep
+      python -m benchmarks.convergence --phase seeds --seeds 3
+      python -m benchmarks.convergence --ablation refresh --seeds 2
+      python -m benchmarks.convergence --ablation rank,gap,history,damping,exponent --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import _common
+
+#: name -> (optimizer for :func:`benchmarks._common.build_optimizer`, its options).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "optax_galore": ("optax_galore", {}),
+    "galore": ("galore", {}),
+    "natural_galore_paper": ("natural_galore", dict(exponent=-1.0, damping=1e-3,
+                                                    damping_mode="absolute", history_size=10)),
+    "natural_galore_sqrt": ("natural_galore", dict(exponent=-0.5, damping=1e-3,
+                                                   damping_mode="relative", history_size=10)),
+}
+
+#: Peak learning rates tried per variant in the sweep.
+LR_GRIDS = {
+    "adamw": (1e-3, 3e-3, 1e-2),
+    "optax_galore": (3e-3, 1e-2, 3e-2),
+    "galore": (3e-3, 1e-2, 3e-2),
+    "natural_galore_paper": (3e-3, 1e-2, 3e-2),
+    "natural_galore_sqrt": (3e-3, 1e-2, 3e-2),
+}
+
+_NG = ("natural_galore_paper", "natural_galore_sqrt")
+_PROJECTED = ("galore",) + _NG
+
+#: ablation -> list of (variant, overrides); the base setting is the variant's seeds run.
+ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "rank": [(v, {"rank": r}) for v in _PROJECTED for r in (16, 64)],
+    "gap": [(v, {"update_proj_gap": g}) for v in _PROJECTED for g in (20, 100)],
+    "history": [(v, {"history_size": h}) for v in _NG for h in (2, 5, 20)],
+    "damping": [(v, {"damping": d}) for v in _NG for d in (1e-4, 1e-2, 1e-1)],
+    # Disentangles the two changes between the paper and the lead: exponent vs damping mode.
+    "exponent": [("natural_galore_paper", {"damping_mode": "relative"}),
+                 ("natural_galore_sqrt", {"damping_mode": "absolute"})],
+    "refresh": [(v, {"refresh_policy": p}) for v in _PROJECTED for p in ("reset", "rotate")],
+}
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """Everything shared by all runs of one results file (checked on every write)."""
+  vocab: int = 2048
+  hidden: int = 128
+  layers: int = 2
+  ffn: int = 352
+  heads: int = 4
+  seq_len: int = 128
+  batch_size: int = 8
+  steps: int = 300
+  warmup_steps: int = 30
+  rank: int = 32
+  update_proj_gap: int = 50
+  eval_every: int = 50
+  eval_sequences: int = 256
+  dataset: str = "default"
+
+
+def run_key(variant: str, overrides: dict[str, Any], lr: float, seed: int) -> str:
+  """The JSON key of a run."""
+  extra = ",".join(f"{k}={overrides[k]}" for k in sorted(overrides))
+  return f"{variant}[{extra}] lr={lr:g} seed={seed}"
+
+
+class Runner:
+  """Trains and evaluates runs of one :class:`Setting`; compiles once per optimizer setting."""
+
+  def __init__(self, setting: Setting, out: pathlib.Path, cache_dir: Optional[str] = None):
+    from models import llama  # pylint: disable=import-outside-toplevel
+    from train import data  # pylint: disable=import-outside-toplevel
+
+    self.setting, self.out = setting, out
+    tok_path = _common.train_bpe_tokenizer(setting.vocab, dataset=setting.dataset,
+                                           cache_dir=cache_dir)
+    tokenizer = data.load_tokenizer(str(tok_path))
+    load = lambda split: data.load_dataset(setting.dataset, split=split, seq_len=setting.seq_len,
+                                           tokenizer=tokenizer, cache_dir=cache_dir)
+    self.train_data, self.eval_data = load("train"), load("validation")
+    self.model_config = llama.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=setting.hidden,
+        intermediate_size=setting.ffn, num_layers=setting.layers, num_heads=setting.heads,
+        max_position_embeddings=setting.seq_len)
+    self.graphdef, _ = llama.abstract_params(self.model_config)
+    eval_batch = min(32, setting.eval_sequences)
+    self.eval_batches = [jnp.asarray(b) for b in self.eval_data.eval_batches(
+        eval_batch, max(1, setting.eval_sequences // eval_batch))]
+    self.eval_loss = _common.make_eval_loss(self.graphdef)
+    self.schedule = _common.warmup_cosine(setting.steps, setting.warmup_steps)
+    self._steps: dict[str, Any] = {}
+    self._check_setting()
+
+  def _check_setting(self) -> None:
+    saved = _common.read_json(self.out).get("setting")
+    mine = dataclasses.asdict(self.setting)
+    if saved is not None and saved != mine:
+      raise SystemExit(f"{self.out} holds runs of another setting:\n  {saved}\nnot\n  {mine}\n"
+                       "pass --out to write elsewhere")
+
+    def put(data):
+      data["setting"] = mine
+      data["model"] = dataclasses.asdict(self.model_config)
+      data["data"] = {"train": self.train_data.describe(), "eval": self.eval_data.describe(),
+                      "eval_tokens": sum(int(b[:, 1:].size) for b in self.eval_batches)}
+      data.setdefault("runs", {})
+    _common.update_json(self.out, put)
+
+  def runs(self) -> dict[str, Any]:
+    return _common.read_json(self.out).get("runs", {})
+
+  def evaluate(self, params) -> float:
+    return float(np.mean([float(self.eval_loss(params, b)) for b in self.eval_batches]))
+
+  def _step_fn(self, variant: str, overrides: dict[str, Any]):
+    key = run_key(variant, overrides, 0, 0)
+    if key not in self._steps:
+      name, options = VARIANTS[variant]
+      options = dict(options)
+      projection = dict(rank=self.setting.rank, update_proj_gap=self.setting.update_proj_gap)
+      for k, v in overrides.items():
+        (projection if k in projection else options)[k] = v
+      tx = _common.build_optimizer(name, self.schedule, **projection, **options)
+      self._steps[key] = (tx, _common.make_lr_step(self.graphdef, tx))
+    return self._steps[key]
+
+  def run(self, variant: str, overrides: dict[str, Any], lr: float, seed: int, *,
+          tag: str, force: bool = False) -> dict[str, Any]:
+    """Trains one run (unless already in the JSON) and records it; returns its record."""
+    from models import llama  # pylint: disable=import-outside-toplevel
+
+    key = run_key(variant, overrides, lr, seed)
+    done = self.runs().get(key)
+    if done is not None and not force:
+      return done
+    s = self.setting
+    tx, step = self._step_fn(variant, overrides)
+    start = time.perf_counter()
+    _, params = llama.init_params(self.model_config, seed)
+    opt_state = tx.init(params)
+    lr_arr = jnp.asarray(lr, jnp.float32)
+    eval_steps, eval_losses, train_losses, window = [0], [self.evaluate(params)], [], []
+    diverged = False
+    for i in range(s.steps):
+      batch = jnp.asarray(self.train_data.batch(i, s.batch_size, seed))
+      params, opt_state, loss = step(params, opt_state, batch, lr_arr)
+      window.append(loss)
+      if (i + 1) % s.eval_every == 0 or i + 1 == s.steps:
+        mean_train = float(np.mean(jax.device_get(window)))
+        window = []
+        train_losses.append(mean_train)
+        eval_steps.append(i + 1)
+        eval_losses.append(self.evaluate(params))
+        if not math.isfinite(eval_losses[-1]):
+          diverged = True
+          break
+    record = {
+        "variant": variant, "overrides": overrides, "lr": lr, "seed": seed, "tag": tag,
+        "optimizer": VARIANTS[variant][0], "options": VARIANTS[variant][1],
+        "eval_steps": eval_steps, "eval_loss": eval_losses, "train_loss": train_losses,
+        "final_eval_loss": eval_losses[-1] if not diverged else float("inf"),
+        "diverged": diverged, "wall_sec": time.perf_counter() - start,
+    }
+    _common.update_json(self.out, lambda data: data.setdefault("runs", {}).__setitem__(key, record))
+    print(f"  {key:70s} held-out {record['final_eval_loss']:.4f}  "
+          f"({record['wall_sec']:.0f} s)", flush=True)
+    return record
+
+
+def _final(record: dict[str, Any]) -> float:
+  value = record["final_eval_loss"]
+  return value if value is not None and math.isfinite(value) else float("inf")
+
+
+def chosen_lrs(runs: dict[str, Any]) -> dict[str, float]:
+  """Per variant, the sweep's lr with the lowest final held-out loss (seed 0, base setting)."""
+  best: dict[str, tuple[float, float]] = {}
+  for r in runs.values():
+    if r["tag"] != "sweep":
+      continue
+    loss = _final(r)
+    if r["variant"] not in best or loss < best[r["variant"]][0]:
+      best[r["variant"]] = (loss, r["lr"])
+  return {v: lr for v, (_, lr) in best.items()}
+
+
+def _runs_at(runs, variant, overrides, lr) -> dict[int, dict[str, Any]]:
+  """Seed -> record for the runs of ``variant`` with exactly ``overrides`` at ``lr``."""
+  return {r["seed"]: r for r in runs.values()
+          if r["variant"] == variant and r["overrides"] == overrides and r["lr"] == lr}
+
+
+def _spread(values: list[float]) -> str:
+  if not values:
+    return "-"
+  mean = statistics.fmean(values)
+  if len(values) == 1:
+    return f"{mean:.4f}"
+  return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+
+
+def report(out: pathlib.Path, plot: bool = True) -> str:
+  """Markdown tables (sweep, seeds, ablations) from the results JSON; draws the PNG plot."""
+  data = _common.read_json(out)
+  runs = data.get("runs", {})
+  lrs = chosen_lrs(runs)
+  parts = []
+
+  # Sweep.
+  grid = sorted({r["lr"] for r in runs.values() if r["tag"] == "sweep"})
+  rows = []
+  for v in VARIANTS:
+    cells = []
+    for lr in grid:
+      rec = _runs_at(runs, v, {}, lr).get(0)
+      cells.append("-" if rec is None else "diverged" if rec["diverged"]
+                   else f"{_final(rec):.4f}")
+    if any(c != "-" for c in cells):
+      rows.append([v] + cells + [f"{lrs[v]:g}" if v in lrs else "-"])
+  if rows:
+    parts.append("Learning-rate sweep (seed 0, final held-out loss):\n\n" + _common.markdown_table(
+        ["variant"] + [f"lr {lr:g}" for lr in grid] + ["chosen"], rows))
+
+  # Seeds at the chosen lr.
+  base = {v: _runs_at(runs, v, {}, lrs[v]) for v in lrs}
+  ref = base.get("galore", {})
+  rows = []
+  for v, by_seed in base.items():
+    finals = [_final(r) for _, r in sorted(by_seed.items())]
+    if not finals:
+      continue
+    paired = [_final(by_seed[s]) - _final(ref[s]) for s in sorted(by_seed) if s in ref]
+    wins = sum(d < 0 for d in paired)
+    rows.append([v, f"{lrs[v]:g}", len(finals), _spread(finals),
+                 f"{min(finals):.4f} / {max(finals):.4f}",
+                 "-" if v == "galore" or not paired else
+                 f"{_spread(paired)} ({wins}/{len(paired)} seeds better)",
+                 f"{statistics.fmean(r['wall_sec'] for r in by_seed.values()):.0f}"])
+  if rows:
+    parts.append("Final held-out loss at the chosen lr (mean ± std over seeds; Δ is paired with "
+                 "galore, same seed = same init and data order):\n\n" + _common.markdown_table(
+                     ["variant", "lr", "seeds", "held-out loss", "min / max", "Δ vs galore",
+                      "s/run"], rows))
+
+  # Ablations.
+  rows = []
+  for name, entries in ABLATIONS.items():
+    for variant in dict.fromkeys(v for v, _ in entries):
+      if variant not in lrs:
+        continue
+      lr = lrs[variant]
+      tried = [o for v, o in entries if v == variant]
+      measured = {json.dumps(o, sort_keys=True): _runs_at(runs, variant, o, lr) for o in tried}
+      seeds = sorted(set().union(*[set(m) for m in measured.values()]))
+      if not seeds:
+        continue
+      base_runs = base.get(variant, {})
+      base_finals = [_final(base_runs[s]) for s in seeds if s in base_runs]
+      knob = next(iter(tried[0]))
+      defaults = {"rank": data["setting"]["rank"], "refresh_policy": "keep",
+                  "update_proj_gap": data["setting"]["update_proj_gap"], **VARIANTS[variant][1]}
+      base_value = defaults[knob]
+      cells = [(f"{base_value} (base)", base_finals)]
+      for o in tried:
+        by_seed = measured[json.dumps(o, sort_keys=True)]
+        cells.append((str(o[knob]), [_final(by_seed[s]) for s in seeds if s in by_seed]))
+      best = min((statistics.fmean(f), label) for label, f in cells if f)[1]
+      for label, finals in cells:
+        rows.append([name, variant, f"{knob}={label}", len(finals), _spread(finals),
+                     "**best**" if label == best else ""])
+  if rows:
+    parts.append("Ablations (one knob changed from the base setting, at the variant's chosen lr;"
+                 " same seeds for every row of a group):\n\n" + _common.markdown_table(
+                     ["ablation", "variant", "setting", "seeds", "held-out loss", ""], rows))
+  text = "\n\n".join(parts)
+  if plot and base:
+    _plot(out.with_suffix(".png"), base, lrs)
+  return text
+
+
+def _plot(path: pathlib.Path, base: dict[str, dict[int, dict[str, Any]]],
+          lrs: dict[str, float]) -> None:
+  """Held-out loss vs step: mean over seeds, shaded min..max, one line per variant."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for variant, by_seed in base.items():
+    records = [r for r in by_seed.values() if not r["diverged"]]
+    if not records:
+      continue
+    steps = records[0]["eval_steps"]
+    losses = np.array([r["eval_loss"] for r in records if r["eval_steps"] == steps])
+    label = f"{variant} (lr {lrs[variant]:g}, {len(losses)} seeds)"
+    for ax in axes:
+      line, = ax.plot(steps, losses.mean(0), label=label)
+      ax.fill_between(steps, losses.min(0), losses.max(0), alpha=0.2, color=line.get_color())
+  axes[0].set_title("held-out loss")
+  axes[1].set_title("held-out loss, second half")
+  half = [r for b in base.values() for r in b.values() if not r["diverged"]]
+  if half:
+    steps = half[0]["eval_steps"]
+    tail = [l for r in half for s, l in zip(r["eval_steps"], r["eval_loss"]) if s >= steps[-1] / 2]
+    axes[1].set_xlim(steps[-1] / 2, steps[-1])
+    axes[1].set_ylim(min(tail) - 0.02, max(tail) + 0.02)
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--phase", choices=("sweep", "seeds", "all", "none"), default="none")
+  parser.add_argument("--ablation", default="",
+                      help=f"comma-separated subset of {','.join(ABLATIONS)}")
+  parser.add_argument("--optimizers", default=",".join(VARIANTS),
+                      help="variants to run (default: all)")
+  parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (seeds, ablations)")
+  parser.add_argument("--lrs", default="",
+                      help="comma-separated lrs replacing every variant's sweep grid")
+  parser.add_argument("--report", action="store_true", help="only print tables / draw the plot")
+  parser.add_argument("--out", type=pathlib.Path,
+                      default=_common.RESULTS_DIR / "convergence.json")
+  parser.add_argument("--cache-dir", default=None)
+  parser.add_argument("--force", action="store_true", help="re-run runs already in the JSON")
+  parser.add_argument("--no-plot", action="store_true")
+  for field in dataclasses.fields(Setting):
+    flag = "--" + field.name.replace("_", "-")
+    parser.add_argument(flag, type=type(field.default), default=field.default)
+  args = parser.parse_args(argv)
+
+  variants = [v for v in args.optimizers.split(",") if v]
+  unknown = [v for v in variants if v not in VARIANTS]
+  ablations = [a for a in args.ablation.split(",") if a]
+  unknown += [a for a in ablations if a not in ABLATIONS]
+  if unknown:
+    parser.error(f"unknown optimizer/ablation {unknown}")
+  if not args.report:
+    setting = Setting(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Setting)})
+    _common.enable_compilation_cache(args.cache_dir)
+    runner = Runner(setting, args.out, cache_dir=args.cache_dir)
+    print(f"{runner.model_config}\n{runner.train_data.describe()}\n{runner.eval_data.describe()}",
+          flush=True)
+    started = time.perf_counter()
+    if args.phase in ("sweep", "all"):
+      for v in variants:
+        grid = [float(x) for x in args.lrs.split(",") if x] or LR_GRIDS[v]
+        for lr in grid:
+          runner.run(v, {}, lr, 0, tag="sweep", force=args.force)
+    if args.phase in ("seeds", "all") or ablations:
+      lrs = chosen_lrs(runner.runs())
+      missing = [v for v in variants if v not in lrs]
+      if missing:
+        raise SystemExit(f"no sweep results for {missing}: run --phase sweep first")
+    if args.phase in ("seeds", "all"):
+      for seed in range(args.seeds):
+        for v in variants:
+          runner.run(v, {}, lrs[v], seed, tag="seeds", force=args.force)
+    for name in ablations:
+      for seed in range(args.seeds):
+        for v, overrides in ABLATIONS[name]:
+          if v in variants:
+            runner.run(v, overrides, lrs[v], seed, tag=f"ablation:{name}", force=args.force)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
+  print(report(args.out, plot=not args.no_plot))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,82 @@
+"""Smoke test: ``python -m benchmarks.speed`` and ``python -m benchmarks.convergence`` at a toy size.
+
+Each script runs in its own process (as a user runs it), on a model of one narrow layer, with a
+generated corpus and a cache in a temporary directory, so nothing is downloaded and the user's
+cache and the results under ``benchmarks/results`` are left alone. Together they take well
+under 30 s; the real benchmark runs are described in ``benchmarks/README.md``.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, *args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs the scripts
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A few hundred short generated documents (jsonl), enough for train and validation."""
+  root = tmp_path_factory.mktemp("bench_corpus")
+  rng = random.Random(0)
+  words = ["the cat", "a dog", "the king", "sees", "likes", "finds", "the moon", "a boat"]
+  with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
+    for i in range(300):
+      text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))
+      f.write(json.dumps({"text": f"Story {i}. {text}."}) + "\n")
+  return root
+
+
+def test_speed_smoke(tmp_path):
+  out = tmp_path / "speed.json"
+  stdout = _run(
+      "benchmarks.speed", "--presets", "tiny", "--optimizers", "adamw,ng.galore (exact SVD)",
+      "--override", "num_layers=1", "--override", "hidden_size=32",
+      "--override", "intermediate_size=64", "--override", "num_heads=2",
+      "--override", "num_kv_heads=2", "--override", "vocab_size=256", "--rank", "4",
+      "--batch-size", "2", "--seq-len", "8", "--repeats", "1", "--ordinary-calls", "1",
+      "--svd-shape", "32x48", "--svd-rank", "4", "--svd-repeats", "1",
+      "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+  results = json.loads(out.read_text())
+  rows = {r["optimizer"]: r for r in results["presets"][0]["rows"]}
+  assert set(rows) == {"adamw", "ng.galore (exact SVD)"}
+  assert rows["adamw"]["step_vs_adamw"] == 1.0
+  galore = rows["ng.galore (exact SVD)"]
+  assert galore["step_ms"] > 0 and galore["refresh_step_ms"] > 0
+  assert galore["amortised_step_ms"] >= galore["step_ms"]
+  assert results["svd"]["randomized_captured_energy_vs_exact"] > 0.5
+  assert "| adamw |" in stdout and "MFU" in stdout
+
+
+def test_convergence_smoke(tmp_path, corpus):
+  out = tmp_path / "convergence.json"
+  stdout = _run(
+      "benchmarks.convergence", "--dataset", f"text:{corpus}/*.jsonl", "--vocab", "300",
+      "--hidden", "32", "--layers", "1", "--ffn", "64", "--heads", "2", "--seq-len", "16",
+      "--batch-size", "2", "--steps", "4", "--warmup-steps", "1", "--eval-every", "2",
+      "--eval-sequences", "4", "--rank", "4", "--update-proj-gap", "2",
+      "--optimizers", "galore,natural_galore_sqrt", "--lrs", "1e-2", "--phase", "all",
+      "--seeds", "1", "--ablation", "exponent",
+      "--out", str(out), "--cache-dir", str(tmp_path / "cache"))
+  runs = json.loads(out.read_text())["runs"]
+  # 2 variants x 1 seed, plus the exponent ablation of natural_galore_sqrt.
+  assert len(runs) == 3
+  for record in runs.values():
+    assert record["eval_steps"] == [0, 2, 4]
+    assert all(l == l and l < 10 for l in record["eval_loss"])  # finite
+  assert "Δ vs galore" in stdout and "exponent" in stdout
+  assert out.with_suffix(".png").is_file()
