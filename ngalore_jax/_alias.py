@@ -51,7 +51,15 @@ def galore(
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
     mask: MaskOrFn = None,
-    **projection_kwargs,
+    proj_type: str = "std",
+    refresh_policy: str = _projection.DEFAULT_REFRESH_POLICY,
+    svd_method: str = "exact",
+    oversampling: int = 8,
+    power_iterations: int = 2,
+    stagger_refresh: bool = False,
+    dimension_numbers: Any = None,
+    projector_dtype: Optional[Any] = None,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""GaLore with Adam in the subspace, decoupled weight decay in the full space.
 
@@ -73,11 +81,20 @@ def galore(
       ``None`` decays all.
     mask: Which leaves are projected (bool pytree or callable of the params); the others get
       plain Adam. ``None`` projects every leaf with ndim >= 2.
-    **projection_kwargs: Further options of :func:`galore_projection` (``proj_type``,
-      ``refresh_policy``, ``svd_method``, ``stagger_refresh``, ``dimension_numbers``, ...).
+    proj_type: Which side holds the projector; see :func:`galore_projection`.
+    refresh_policy: ``"keep"``, ``"reset"`` or ``"rotate"`` the inner state on a refresh.
+    svd_method: ``"exact"`` or ``"randomized"``.
+    oversampling: Extra random directions of the randomized SVD.
+    power_iterations: Subspace iterations of the randomized SVD.
+    stagger_refresh: Spread the leaves' refreshes over the gap.
+    dimension_numbers: Which axes of each leaf form a matrix; see :func:`galore_projection`.
+    projector_dtype: dtype of the stored projectors (``None``: the gradient's).
+    seed: Seed of the randomized SVD.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams``, pass the
+    shape-determining integers (``rank``, ``update_proj_gap``, ``oversampling``,
+    ``power_iterations``, ``seed``) as ``static_args``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -97,7 +114,10 @@ def galore(
   """
   projection = _projection.galore_projection(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype), rank=rank,
-      update_proj_gap=update_proj_gap, scale=scale, **projection_kwargs)
+      update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, refresh_policy=refresh_policy, svd_method=svd_method,
+      oversampling=oversampling, power_iterations=power_iterations,
+      stagger_refresh=stagger_refresh, dimension_numbers=dimension_numbers,
+      projector_dtype=projector_dtype, seed=seed)
   return _assemble(projection, learning_rate=learning_rate, mask=mask, b1=b1, b2=b2, eps=eps,
                    mu_dtype=mu_dtype, weight_decay=weight_decay,
                    weight_decay_mask=weight_decay_mask)
@@ -121,7 +141,15 @@ def natural_galore(
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
     mask: MaskOrFn = None,
-    **projection_kwargs,
+    proj_type: str = "std",
+    refresh_policy: str = _projection.DEFAULT_REFRESH_POLICY,
+    svd_method: str = "exact",
+    oversampling: int = 8,
+    power_iterations: int = 2,
+    stagger_refresh: bool = False,
+    dimension_numbers: Any = None,
+    projector_dtype: Optional[Any] = None,
+    seed: int = 0,
 ) -> optax.GradientTransformation:
   r"""Natural GaLore: a natural-gradient step, then Adam, in GaLore's subspace.
 
@@ -147,10 +175,20 @@ def natural_galore(
     weight_decay: Decoupled weight-decay rate, applied in the full space.
     weight_decay_mask: Which leaves decay; ``None`` decays all.
     mask: Which leaves are projected; ``None`` projects every leaf with ndim >= 2.
-    **projection_kwargs: Further options of :func:`galore_projection`.
+    proj_type: Which side holds the projector; see :func:`galore_projection`.
+    refresh_policy: ``"keep"``, ``"reset"`` or ``"rotate"`` the inner state on a refresh.
+    svd_method: ``"exact"`` or ``"randomized"``.
+    oversampling: Extra random directions of the randomized SVD.
+    power_iterations: Subspace iterations of the randomized SVD.
+    stagger_refresh: Spread the leaves' refreshes over the gap.
+    dimension_numbers: Which axes of each leaf form a matrix; see :func:`galore_projection`.
+    projector_dtype: dtype of the stored projectors (``None``: the gradient's).
+    seed: Seed of the randomized SVD.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation``. Under ``optax.inject_hyperparams``, pass ``rank``,
+    ``update_proj_gap``, ``history_size``, ``oversampling``, ``power_iterations`` and ``seed``
+    as ``static_args``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -173,8 +211,11 @@ def natural_galore(
                                       history_dtype=history_dtype),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
   )
-  projection = _projection.galore_projection(inner, rank=rank, update_proj_gap=update_proj_gap,
-                                             scale=scale, **projection_kwargs)
+  projection = _projection.galore_projection(
+      inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, refresh_policy=refresh_policy, svd_method=svd_method,
+      oversampling=oversampling, power_iterations=power_iterations,
+      stagger_refresh=stagger_refresh, dimension_numbers=dimension_numbers,
+      projector_dtype=projector_dtype, seed=seed)
   return _assemble(projection, learning_rate=learning_rate, mask=mask, b1=b1, b2=b2, eps=eps,
                    mu_dtype=mu_dtype, weight_decay=weight_decay,
                    weight_decay_mask=weight_decay_mask)

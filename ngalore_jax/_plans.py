@@ -266,6 +266,25 @@ class TuckerPlan:
     return self._multiply_modes(x.astype(jnp.float32), rs, offset).astype(x.dtype)
 
 
+def align_signs(new_factors, old_factors):
+  """Flips each new basis vector to point the way the old one did.
+
+  Singular vectors are defined up to sign, and LAPACK/cuSOLVER pick different ones. Under
+  ``refresh_policy="keep"`` the inner state (Adam's first moment, the gradient history) is
+  reused in the new basis, so a flipped vector would pair a moment with the negated coordinate
+  and the run would depend on the backend. With no old basis (the first refresh), the sign makes
+  each vector's entries sum to a non-negative value, which is just as deterministic.
+  """
+  aligned = []
+  for new, old in zip(new_factors, old_factors):
+    new32 = new.astype(jnp.float32)
+    overlap = jnp.sum(new32 * old.astype(jnp.float32), axis=-2, keepdims=True)
+    column_sum = jnp.sum(new32, axis=-2, keepdims=True)
+    reference = jnp.where(overlap != 0, overlap, column_sum)
+    aligned.append(jnp.where(reference < 0, -new32, new32).astype(new.dtype))
+  return tuple(aligned)
+
+
 def _inverse(perm):
   inv = [0] * len(perm)
   for i, p in enumerate(perm):

@@ -111,7 +111,9 @@ def galore_projection(
   - 0-D/1-D leaves, and leaves whose dimension number is ``None``: passed to ``inner``
     unprojected.
 
-  The rank is clipped to ``min(m, n)`` (per mode for Tucker). Projectors are computed in float32
+  The rank is clipped to ``min(m, n)`` (per mode for Tucker). Each refreshed basis vector is
+  sign-aligned with the one it replaces, so that the run does not depend on the SVD backend's
+  sign convention. Projectors are computed in float32
   (exact thin SVD, or a randomized range finder for large matrices) and stored in
   ``projector_dtype`` (default: the gradient's dtype). Projections run in float32; updates
   have the gradient's dtype.
@@ -235,8 +237,10 @@ def galore_projection(
       svd_kwargs = dict(method=svd_method, key=key, oversampling=oversampling,
                         power_iterations=power_iterations)
       dtype = factors[0].dtype
-      new_factors = jax.lax.cond(
-          refresh, lambda: plan.compute_factors(g, dtype, **svd_kwargs), lambda: tuple(factors))
+      def refreshed_factors():
+        return _plans.align_signs(plan.compute_factors(g, dtype, **svd_kwargs), factors)
+
+      new_factors = jax.lax.cond(refresh, refreshed_factors, lambda: tuple(factors))
       inner_state = _apply_refresh_policy(refresh_policy, inner, plan, refresh, factors,
                                           new_factors, inner_state, g.dtype)
       coefficients = plan.project(g, new_factors)
