@@ -11,11 +11,15 @@ import random
 import shutil
 import signal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from train import checkpointing
+from train import config as config_lib
 from train import data as data_lib
+from train import loop
 from train import metrics as metrics_lib
 from train import pretrain
 
@@ -62,8 +66,7 @@ def runs(tmp_path_factory, corpus):
   def run(optimizer):
     if optimizer not in done:
       workdir = tmp_path_factory.mktemp(optimizer) / "run"
-      code = pretrain.main(_args(workdir, corpus, "--optimizer", optimizer,
-                                 "--keep-checkpoints", "1"))
+      code = pretrain.main(_args(workdir, corpus, "--optimizer", optimizer))
       done[optimizer] = code, workdir
     return done[optimizer]
 
@@ -94,7 +97,7 @@ def test_end_to_end(optimizer, runs, capsys):
   assert resolved["train"]["optimizer"] == optimizer
   assert resolved["model"]["hidden_size"] == 64 and resolved["model"]["vocab_size"] == 32000
   assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
-  assert checkpointing.Checkpointer(workdir / "checkpoints").all_steps() == [STEPS]  # keep 1
+  assert checkpointing.Checkpointer(workdir / "checkpoints").all_steps() == [4, STEPS]
 
 
 @pytest.mark.slow
@@ -126,6 +129,14 @@ def test_ctrl_c_saves_and_a_rerun_resumes_exactly(runs, corpus, tmp_path, monkey
   assert pretrain.main(_args(workdir, corpus, "--optimizer", "natural_galore")) == 0
   assert _losses(workdir) == _losses(reference)  # bit-exact, steps 0-8
   assert _losses(workdir, "eval_loss") == _losses(reference, "eval_loss")
+
+  # The reference saved step 4 asynchronously and went on training with donated buffers: its
+  # checkpoint must hold the same state as the run that stopped at step 4.
+  s = loop.setup(config_lib.from_argv(_args(workdir, corpus, "--optimizer", "natural_galore")))
+  saved = [checkpointing.Checkpointer(w / "checkpoints").restore(4, s.abstract_state)[0]
+           for w in (reference, workdir)]
+  for a, b in zip(*map(jax.tree.leaves, saved)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
@@ -170,8 +181,6 @@ def test_metrics_writer_drops_lines_after_the_resume_step(tmp_path):
 
 
 def test_checkpointer_round_trips_empty_leaves(tmp_path):
-  import jax
-  import jax.numpy as jnp
 
   state = {"w": jnp.arange(6.0).reshape(2, 3), "empty": jnp.zeros((0, 4)), "count": jnp.int32(7)}
   ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", keep=2)

@@ -39,16 +39,16 @@ class TrainConfig:
   data_dir: Optional[str] = None
   cache_dir: Optional[str] = None
   # Schedule.
-  steps: int = 400
-  batch_size: int = 16
+  steps: int = 300
+  batch_size: int = 8
   seq_len: int = 128
   lr: float = 3e-3
-  warmup_steps: int = 40
+  warmup_steps: int = 30
   final_lr_ratio: float = 0.1
   # Optimizer.
   optimizer: str = "natural_galore"
-  rank: int = 32
-  update_proj_gap: int = 50
+  rank: int = 64
+  update_proj_gap: int = 100
   scale: float = 0.25
   history_size: Optional[int] = None
   damping: Optional[float] = None
