@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from train import build
 from train import checkpointing
 from train import config as config_lib
 from train import data as data_lib
-from train import loop
 from train import metrics as metrics_lib
 from train import pretrain
 
@@ -132,7 +132,7 @@ def test_ctrl_c_saves_and_a_rerun_resumes_exactly(runs, corpus, tmp_path, monkey
 
   # The reference saved step 4 asynchronously and went on training with donated buffers: its
   # checkpoint must hold the same state as the run that stopped at step 4.
-  s = loop.setup(config_lib.from_argv(_args(workdir, corpus, "--optimizer", "natural_galore")))
+  s = build.setup(config_lib.from_argv(_args(workdir, corpus, "--optimizer", "natural_galore")))
   saved = [checkpointing.Checkpointer(w / "checkpoints").restore(4, s.abstract_state)[0]
            for w in (reference, workdir)]
   for a, b in zip(*map(jax.tree.leaves, saved)):

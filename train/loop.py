@@ -1,8 +1,8 @@
-"""The training loop: set-up, one jitted train step, evaluation, checkpoints, metrics.
+"""The training loop: resume or initialise, train, log, evaluate, checkpoint, stop cleanly.
 
-:func:`train_and_evaluate` is the whole run. Its set-up (:func:`setup`) does
-everything that can fail because of a bad flag before anything is compiled,
-raising :class:`~train.config.ConfigError` with a message naming the flag.
+:func:`train_and_evaluate` is the whole run (what ``python -m train.pretrain``
+calls). Its set-up (:func:`train.build.setup`) does everything that can fail
+because of a bad flag before anything is compiled.
 """
 
 from __future__ import annotations
@@ -15,20 +15,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from models import llama
+from train import build
 from train import checkpointing
-from train import config as config_lib
 from train import metrics as metrics_lib
-from train import optimizers
 from train import sharding as sharding_lib
+from train.build import Setup
 from train.config import ConfigError, TrainConfig
+from train.steps import TrainState
 
 # Flags that change what is being trained: resuming across a change is refused.
 _IDENTITY_FLAGS = ("model", "model_overrides", "optimizer")
@@ -37,153 +35,6 @@ _IDENTITY_FLAGS = ("model", "model_overrides", "optimizer")
 _REPRO_FLAGS = ("dataset", "tokenizer", "seed", "batch_size", "seq_len", "steps", "lr",
                 "warmup_steps", "final_lr_ratio", "rank", "update_proj_gap", "scale",
                 "history_size", "damping", "b1", "b2", "weight_decay", "grad_clip")
-
-
-class TrainState(NamedTuple):
-  """Everything a checkpoint holds besides metadata.
-
-  Attributes:
-    step: number of optimizer updates applied (int32 scalar); also the data
-      position, since batch ``i`` is ``dataset.batch(i, ...)``.
-    params: the model parameters (nested dict of arrays).
-    opt_state: the optax state.
-    rng: a PRNG key advanced once per step, reserved for stochastic layers
-      (e.g. dropout), so a resumed run continues the same random stream.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
-
-
-@dataclasses.dataclass
-class Setup:
-  """The resolved pieces of a run (see :func:`setup`)."""
-  config: TrainConfig
-  model_config: Any
-  workdir: str
-  tokenizer: Any
-  train_data: Any
-  eval_data: Any
-  mesh: jax.sharding.Mesh
-  graphdef: Any
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  state_shardings: TrainState
-  abstract_state: TrainState
-  batch_sharding: jax.sharding.NamedSharding
-
-
-def maybe_initialize_distributed(config: TrainConfig) -> None:
-  """Calls ``jax.distributed.initialize`` for multi-process launches.
-
-  Explicit flags win; otherwise a coordinator in the environment
-  (``JAX_COORDINATOR_ADDRESS``) or a multi-task SLURM/Open MPI launch lets JAX
-  auto-detect the cluster. Single-process runs do nothing.
-  """
-  if config.coordinator_address:
-    jax.distributed.initialize(config.coordinator_address, config.num_processes,
-                               config.process_id)
-    return
-  env = os.environ
-  launched = ("JAX_COORDINATOR_ADDRESS" in env
-              or int(env.get("SLURM_NTASKS", "1")) > 1
-              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if launched:
-    jax.distributed.initialize()
-
-
-def cross_entropy(graphdef: Any, params: Any, batch: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy of ``batch`` ``[B, T + 1]`` (float32)."""
-  logits = llama.apply(graphdef, params, batch[:, :-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch[:, 1:])
-  return losses.mean()
-
-
-def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule):
-  """A pure train step ``(state, batch) -> (state, metrics)`` to be jitted."""
-
-  def train_step(state: TrainState, batch: jax.Array):
-    loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(graphdef, state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    rng, _ = jax.random.split(state.rng)
-    metrics = {
-        "train_loss": loss,
-        "grad_norm": optax.tree.norm(grads),
-        "update_norm": optax.tree.norm(updates),
-        "lr": schedule(state.step),
-    }
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
-
-  return train_step
-
-
-def setup(config: TrainConfig) -> Setup:
-  """Resolves model, data, mesh, optimizer and shardings; compiles nothing.
-
-  Args:
-    config: the run configuration.
-
-  Returns:
-    A :class:`Setup`.
-
-  Raises:
-    ConfigError: for any flag that does not fit (model, rank, sequence length,
-      dataset path, mesh, batch size, ...).
-  """
-  from train import data  # pylint: disable=import-outside-toplevel
-
-  model_cfg = config_lib.model_config(config)
-  config_lib.validate(config, model_cfg)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  sharding_lib.check_batch_size(mesh, config.batch_size)
-
-  try:
-    tokenizer = data.load_tokenizer(config.tokenizer, cache_dir=config.cache_dir)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"--tokenizer {config.tokenizer or '(default)'}: {e}") from e
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's"
-                      f" vocab_size {model_cfg.vocab_size}")
-  datasets = []
-  for split in ("train", "validation"):
-    try:
-      datasets.append(data.load_dataset(
-          config.dataset, split=split, seq_len=config.seq_len, tokenizer=tokenizer,
-          cache_dir=config.cache_dir, data_dir=config.data_dir))
-    except (OSError, ValueError, KeyError) as e:
-      named = config.dataset in str(e)
-      raise ConfigError(f"--dataset{'' if named else ' ' + config.dataset}: {e}") from e
-
-  graphdef, abstract_params = llama.abstract_params(model_cfg)
-  param_sh = sharding_lib.param_shardings(mesh, abstract_params)
-  abstract_params = sharding_lib.with_shardings(abstract_params, param_sh)
-
-  schedule = optimizers.learning_rate_schedule(config)
-  tx = optimizers.build_optimizer(config, schedule)
-  repl = sharding_lib.replicated(mesh)
-  state_sh = TrainState(repl, param_sh, sharding_lib.state_shardings(tx, abstract_params), repl)
-  abstract = jax.eval_shape(
-      lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)),
-      abstract_params)
-  abstract = sharding_lib.with_shardings(abstract, state_sh)
-  return Setup(config, model_cfg, config.resolved_workdir(), tokenizer, datasets[0], datasets[1],
-               mesh, graphdef, tx, schedule, state_sh, abstract,
-               sharding_lib.batch_sharding(mesh))
-
-
-def init_state(s: Setup) -> TrainState:
-  """Fresh parameters (seeded by ``--seed``), optimizer state and rng, sharded."""
-  cfg, seed = s.model_config, s.config.seed
-
-  def init() -> TrainState:
-    _, params = llama.init_params(cfg, seed)
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    return TrainState(jnp.zeros((), jnp.int32), params, s.tx.init(params), rng)
-
-  return jax.jit(init, out_shardings=s.state_shardings)()
 
 
 class _SigintFlag:
@@ -233,11 +84,12 @@ def _initial_eval_perplexity(path: str) -> Optional[float]:
   return None
 
 
-def _restore_or_init(s: Setup, ckpt: checkpointing.Checkpointer) -> tuple[TrainState, Optional[int]]:
+def _restore_or_init(s: Setup,
+                     ckpt: checkpointing.Checkpointer) -> tuple[TrainState, Optional[int]]:
   """The newest checkpoint's state (after checking it belongs to this run), or a fresh one."""
   step = ckpt.latest_step()
   if step is None:
-    return init_state(s), None
+    return build.init_state(s), None
   _check_resumable(ckpt.restore_meta(step)["config"], s.config, s.workdir)
   state, meta = ckpt.restore(step, s.abstract_state)
   if meta["data_position"] != int(state.step):
@@ -274,37 +126,6 @@ def _peak_flops(config: TrainConfig) -> Optional[float]:
   return per_device * jax.device_count() if per_device else None
 
 
-def compile_train_step(s: Setup):
-  """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
-  abstract_batch = jax.ShapeDtypeStruct((s.config.batch_size, s.config.seq_len + 1), jnp.int32,
-                                        sharding=s.batch_sharding)
-  return jax.jit(
-      make_train_step(s.graphdef, s.tx, s.schedule),
-      in_shardings=(s.state_shardings, s.batch_sharding),
-      out_shardings=(s.state_shardings, sharding_lib.replicated(s.mesh)),
-      donate_argnums=0).lower(s.abstract_state, abstract_batch).compile()
-
-
-class Evaluator:
-  """Mean held-out loss over fixed ``--eval-batches`` batches of the validation split."""
-
-  def __init__(self, s: Setup):
-    self._loss = jax.jit(
-        lambda params, batch: cross_entropy(s.graphdef, params, batch),
-        in_shardings=(s.state_shardings.params, s.batch_sharding),
-        out_shardings=sharding_lib.replicated(s.mesh))
-    self._batches = [
-        sharding_lib.put_batch(np.asarray(b, np.int32), s.batch_sharding)
-        for b in s.eval_data.eval_batches(s.config.batch_size, s.config.eval_batches)]
-
-  def loss(self, params: Any, batch: jax.Array) -> float:
-    return float(self._loss(params, batch))
-
-  def __call__(self, params: Any) -> dict[str, float]:
-    loss = float(np.mean([self.loss(params, b) for b in self._batches]))
-    return {"eval_loss": loss, "eval_perplexity": metrics_lib.perplexity(loss)}
-
-
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   """Runs (or resumes) pretraining and returns a summary.
 
@@ -325,7 +146,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     ConfigError: for bad flags (before any compilation).
   """
   wall_start = time.perf_counter()
-  s = setup(config)
+  s = build.setup(config)
   ckpt = checkpointing.Checkpointer(os.path.join(s.workdir, "checkpoints"),
                                     keep=config.keep_checkpoints)
   try:
@@ -341,6 +162,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   finally:
     ckpt.close()
   summary.update({
+      "resumed_from": resumed_from,
       "wall_time_sec": time.perf_counter() - wall_start,
       "initial_eval_perplexity": _initial_eval_perplexity(writer.path),
       "workdir": os.path.abspath(s.workdir),
@@ -362,9 +184,9 @@ def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
   peak = _peak_flops(config)
 
   compile_start = time.perf_counter()
-  train_step = compile_train_step(s)
+  train_step = build.compile_train_step(s)
   compile_sec = time.perf_counter() - compile_start
-  evaluate = Evaluator(s)
+  evaluate = build.Evaluator(s)
 
   def train_batch(step: int) -> jax.Array:
     host = s.train_data.batch(step, config.batch_size, config.seed)

@@ -29,6 +29,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     head = f"Stopped at step {done}/{total} (--stop-at); rerun without it to resume."
   else:
     head = f"Finished {done}/{total} steps."
+  if summary.get("resumed_from") is not None:
+    head += f" (resumed from step {summary['resumed_from']})"
   speed = summary["tokens_per_sec"]
   lines = [
       head,
@@ -53,9 +55,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs ``python -m train.pretrain`` with ``argv``; returns the exit status."""
   config = config_lib.from_argv(argv)
-  from train import loop  # pylint: disable=import-outside-toplevel  (imports jax)
+  from train import build, loop  # pylint: disable=import-outside-toplevel  (imports jax)
   try:
-    loop.maybe_initialize_distributed(config)
+    build.maybe_initialize_distributed(config)
     summary = loop.train_and_evaluate(config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
