@@ -26,7 +26,6 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import ngalore_jax as ng
@@ -107,8 +106,8 @@ def build_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, rank: i
 
 def cross_entropy(graphdef: Any, params: Any, batch: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy of ``batch`` ``[B, T + 1]`` (the trainer's loss)."""
-  from train import loop  # pylint: disable=import-outside-toplevel
-  return loop.cross_entropy(graphdef, params, batch)
+  from train import steps  # pylint: disable=import-outside-toplevel
+  return steps.cross_entropy(graphdef, params, batch)
 
 
 def make_lr_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
@@ -188,6 +187,20 @@ def median(values) -> float:
   return float(statistics.median(values))
 
 
+def code_version() -> str:
+  """``git`` HEAD of the repository, with ``+dirty`` if ``ngalore_jax``/``models``/``train`` differ."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(__file__).resolve().parent.parent
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "ngalore_jax", "models",
+                            "train"], cwd=root, check=False).returncode != 0
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+  return head + ("+dirty" if dirty else "")
+
+
 def machine_info() -> dict[str, Any]:
   """CPU model, cores, load average and library versions, for the results files."""
   cpu = platform.processor() or platform.machine()
@@ -204,6 +217,7 @@ def machine_info() -> dict[str, Any]:
       "platform": platform.platform(),
       "jax": jax.__version__,
       "optax": optax.__version__,
+      "code": code_version(),
       "time": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
 
@@ -259,6 +273,3 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 def num_params(params: Any) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
-
-def zeros_like_batch(batch_size: int, seq_len: int) -> jax.Array:
-  return jnp.zeros((batch_size, seq_len + 1), jnp.int32)

@@ -19,7 +19,7 @@ already there, so the work can be split into background chunks):
 
 * ``--phase sweep``: each variant at each lr of its grid, seed 0.
 * ``--phase seeds``: each variant at its best sweep lr, seeds ``0 .. --seeds - 1``.
-* ``--ablation rank,gap,history,damping,exponent,refresh``: one knob changed from the base
+* ``--ablation rank,gap,history,damping,exponent,refresh,side``: one knob changed from the base
   setting, at the variant's chosen lr, seeds ``0 .. --seeds - 1``.
 * ``--report``: only print the tables and draw the plot from the JSON.
 
@@ -80,6 +80,9 @@ ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "exponent": [("natural_galore_paper", {"damping_mode": "relative"}),
                  ("natural_galore_sqrt", {"damping_mode": "absolute"})],
     "refresh": [(v, {"refresh_policy": p}) for v in _PROJECTED for p in ("reset", "rotate")],
+    # optax.contrib.galore projects the larger side (coefficients r x min(m, n)); ng's default
+    # "std" the smaller one (r x max(m, n)).
+    "side": [(v, {"proj_type": "reverse_std"}) for v in _PROJECTED],
 }
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +135,7 @@ class Runner:
     self.eval_loss = _common.make_eval_loss(self.graphdef)
     self.schedule = _common.warmup_cosine(setting.steps, setting.warmup_steps)
     self._steps: dict[str, Any] = {}
+    self.code = _common.code_version()
     self._check_setting()
 
   def _check_setting(self) -> None:
@@ -174,7 +178,7 @@ class Runner:
 
     key = run_key(variant, overrides, lr, seed)
     done = self.runs().get(key)
-    if done is not None and not force:
+    if done is not None and not done.get("stale") and not force:
       return done
     s = self.setting
     tx, step = self._step_fn(variant, overrides)
@@ -202,9 +206,14 @@ class Runner:
         "optimizer": VARIANTS[variant][0], "options": VARIANTS[variant][1],
         "eval_steps": eval_steps, "eval_loss": eval_losses, "train_loss": train_losses,
         "final_eval_loss": eval_losses[-1] if not diverged else float("inf"),
-        "diverged": diverged, "wall_sec": time.perf_counter() - start,
+        "diverged": diverged, "wall_sec": time.perf_counter() - start, "code": self.code,
     }
-    _common.update_json(self.out, lambda data: data.setdefault("runs", {}).__setitem__(key, record))
+    def put(data):
+      runs = data.setdefault("runs", {})
+      if key in runs and runs[key].get("stale"):
+        runs[key + " [stale]"] = runs.pop(key)
+      runs[key] = record
+    _common.update_json(self.out, put)
     print(f"  {key:70s} held-out {record['final_eval_loss']:.4f}  "
           f"({record['wall_sec']:.0f} s)", flush=True)
     return record
@@ -228,9 +237,17 @@ def chosen_lrs(runs: dict[str, Any]) -> dict[str, float]:
 
 
 def _runs_at(runs, variant, overrides, lr) -> dict[int, dict[str, Any]]:
-  """Seed -> record for the runs of ``variant`` with exactly ``overrides`` at ``lr``."""
-  return {r["seed"]: r for r in runs.values()
-          if r["variant"] == variant and r["overrides"] == overrides and r["lr"] == lr}
+  """Seed -> record for the runs of ``variant`` with exactly ``overrides`` at ``lr``.
+
+  Records marked ``stale`` (made with an older library whose numerics differ, kept for the lr
+  sweep only) are left out once a current run replaces them.
+  """
+  out = {}
+  for r in runs.values():
+    if r["variant"] == variant and r["overrides"] == overrides and r["lr"] == lr:
+      if r["seed"] not in out or out[r["seed"]].get("stale"):
+        out[r["seed"]] = r
+  return out
 
 
 def _spread(values: list[float]) -> str:
@@ -255,7 +272,8 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
   for v in VARIANTS:
     cells = []
     for lr in grid:
-      rec = _runs_at(runs, v, {}, lr).get(0)
+      rec = next((r for r in runs.values() if r["tag"] == "sweep" and r["variant"] == v
+                  and r["lr"] == lr), None)
       cells.append("-" if rec is None else "diverged" if rec["diverged"]
                    else f"{_final(rec):.4f}")
     if any(c != "-" for c in cells):
@@ -300,7 +318,7 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
       base_runs = base.get(variant, {})
       base_finals = [_final(base_runs[s]) for s in seeds if s in base_runs]
       knob = next(iter(tried[0]))
-      defaults = {"rank": data["setting"]["rank"], "refresh_policy": "keep",
+      defaults = {"rank": data["setting"]["rank"], "refresh_policy": "keep", "proj_type": "std",
                   "update_proj_gap": data["setting"]["update_proj_gap"], **VARIANTS[variant][1]}
       base_value = defaults[knob]
       cells = [(f"{base_value} (base)", base_finals)]

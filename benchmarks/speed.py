@@ -1,6 +1,6 @@
 """Step time and tokens/s of the full jitted train step, per optimizer, plus SVD refresh costs.
 
-The step is the trainer's own (:func:`train.loop.make_train_step`: forward, backward, clipping,
+The step is the trainer's own (:func:`train.train_steps.make_train_step`: forward, backward, clipping,
 optimizer update, parameter update), jitted, for each optimizer at the ``tiny`` and ``60m``
 presets (32k vocabulary) with a small batch so that it runs on a CPU:
 
@@ -63,7 +63,7 @@ def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: 
                  peak_flops: Optional[float], model_overrides: dict[str, Any]) -> dict[str, Any]:
   """Times every optimizer's ordinary and refresh step on one preset; returns a JSON record."""
   from models import llama  # pylint: disable=import-outside-toplevel
-  from train import loop  # pylint: disable=import-outside-toplevel
+  from train import steps as train_steps  # pylint: disable=import-outside-toplevel
 
   cfg = _model_config(preset, model_overrides)
   graphdef, params = llama.init_params(cfg, 0)
@@ -77,8 +77,8 @@ def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: 
   for label in variants:
     name, options = VARIANTS[label]
     tx = _common.build_optimizer(name, schedule, rank=rank, update_proj_gap=gap, **options)
-    fn = jax.jit(loop.make_train_step(graphdef, tx, schedule))
-    state0 = loop.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+    fn = jax.jit(train_steps.make_train_step(graphdef, tx, schedule))
+    state0 = train_steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                              jax.random.PRNGKey(0))
     start = time.perf_counter()
     compiled = fn.lower(state0, batch).compile()
