@@ -13,7 +13,14 @@ CATEGORIES = ("projectors", "inner_state", "history", "other")
 
 
 def tree_bytes(tree: Any) -> int:
-  """Total bytes of the arrays (or ``jax.ShapeDtypeStruct``) in ``tree``."""
+  """Total bytes of the arrays (or ``jax.ShapeDtypeStruct``) in ``tree``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import ngalore_jax as ng
+    >>> ng.tree_bytes({"w": jnp.zeros((4, 8)), "b": jnp.zeros((8,), jnp.bfloat16)})
+    144
+  """
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
              for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 

@@ -29,6 +29,15 @@ class MatrixAxes(NamedTuple):
   Attributes:
     reduction_axis: Axis or axes forming the rows of the matrix.
     output_axis: Axis or axes forming the columns.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import ngalore_jax as ng
+    >>> stacked = {"w": jnp.zeros((4, 32, 16))}  # 4 layers of 32 x 16
+    >>> tx = ng.galore_projection(optax.scale_by_adam(), rank=2,
+    ...                           dimension_numbers=ng.MatrixAxes(1, 2))
+    >>> tx.init(stacked).inner_states["w"].mu.shape  # per layer: 32 x r
+    (4, 32, 2)
   """
   reduction_axis: Union[int, Sequence[int]] = 0
   output_axis: Union[int, Sequence[int]] = 1

@@ -140,6 +140,14 @@ def natural_direction(history: jax.Array, position, damping, *, exponent: float 
 
   ``history`` has shape ``(s, *leaf_shape)``; row ``position`` is the current gradient. See
   :func:`woodbury_precondition` for the maths and the safeguards.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import ngalore_jax as ng
+    >>> history = jnp.array([[1.0, 0.0], [0.0, 2.0]])  # two orthogonal gradients
+    >>> # (I + H H^T)^{-1} g for g = (0, 2): 2 / (1 + 4) along the second axis.
+    >>> print(jnp.round(ng.natural_direction(history, 1, 1.0), 4))
+    [0.  0.4]
   """
   s = history.shape[0]
   leaf_ndim = history.ndim - 1
