@@ -146,8 +146,8 @@ def natural_direction(history: jax.Array, position, damping, *, exponent: float 
     >>> import ngalore_jax as ng
     >>> history = jnp.array([[1.0, 0.0], [0.0, 2.0]])  # two orthogonal gradients
     >>> # (I + H H^T)^{-1} g for g = (0, 2): 2 / (1 + 4) along the second axis.
-    >>> print(jnp.round(ng.natural_direction(history, 1, 1.0), 4))
-    [0.  0.4]
+    >>> [round(float(x), 4) for x in ng.natural_direction(history, 1, 1.0)]
+    [0.0, 0.4]
   """
   s = history.shape[0]
   leaf_ndim = history.ndim - 1
