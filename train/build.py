@@ -88,8 +88,9 @@ def setup(config: TrainConfig) -> Setup:
   except (OSError, ValueError) as e:
     raise ConfigError(f"--tokenizer {config.tokenizer or '(default)'}: {e}") from e
   if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's"
-                      f" vocab_size {model_cfg.vocab_size}")
+    raise ConfigError(f"--tokenizer: {tokenizer.vocab_size} tokens, more than the model's"
+                      f" vocab_size {model_cfg.vocab_size}; add --override"
+                      f" vocab_size={tokenizer.vocab_size}")
   datasets = []
   for split in ("train", "validation"):
     try:

@@ -165,28 +165,56 @@ def parse_mesh(spec: Optional[str]) -> dict[str, int]:
   return axes
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except empty ones and those the help text already explains."""
+
+  def _get_help_string(self, action):
+    if action.default in (None, [], argparse.SUPPRESS) or "default:" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
+
+
+_EPILOG = """\
+outputs (under --workdir): config.json (resolved flags and model), metrics.jsonl
+(one line per logged step; evaluation lines add eval_loss and eval_perplexity),
+tensorboard/, checkpoints/ (orbax). Rerunning with the same --workdir resumes
+from the newest checkpoint; Ctrl-C saves one and exits.
+
+examples:
+  python -m train.pretrain                      # make train: tiny, natural_galore, Shakespeare
+  python -m train.pretrain --optimizer adamw --workdir runs/adamw-tiny
+  python -m train.pretrain --model 60m --rank 128 --update-proj-gap 200 --lr 0.01 \\
+      --steps 10000 --batch-size 512 --seq-len 256 --mesh data=2,fsdp=4
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The ``python -m train.pretrain`` argument parser (defaults from TrainConfig)."""
   d = TrainConfig()
   p = argparse.ArgumentParser(
       prog="python -m train.pretrain",
       description="Pretrain a LLaMA-style model with AdamW, GaLore or Natural GaLore.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      epilog=_EPILOG, formatter_class=_HelpFormatter)
 
   g = p.add_argument_group("model")
   g.add_argument("--model", choices=MODELS, default=d.model,
                  help="model preset from models.llama.CONFIGS (GaLore-paper LLaMA shapes)")
   g.add_argument("--override", dest="model_overrides", action="append", type=_override,
                  default=[], metavar="FIELD=VALUE",
-                 help="replace a field of the model config (repeatable), e.g. num_layers=2")
+                 help="replace a field of the model config (repeatable; JSON values),"
+                      " e.g. num_layers=2")
 
   g = p.add_argument_group("data")
   g.add_argument("--dataset", default=d.dataset,
-                 help="default | stdlib | text:GLOB | tfds:NAME[:CONFIG]")
+                 help="default (Shakespeare; stdlib without network) | stdlib (Python's own"
+                      " source) | text:GLOB (.txt/.jsonl files) | tfds:NAME[:CONFIG]")
   g.add_argument("--tokenizer", default=d.tokenizer,
-                 help="tokenizer model file (default: the bundled 32k tokenizer)")
+                 help="SentencePiece .model, tokenizer.json or a directory holding one"
+                      " (default: Mistral v1, 32k pieces, fetched once from PyPI)")
   g.add_argument("--data-dir", default=d.data_dir, help="tensorflow-datasets data directory")
-  g.add_argument("--cache-dir", default=d.cache_dir, help="cache for tokenised data")
+  g.add_argument("--cache-dir", default=d.cache_dir,
+                 help="cache for the tokenizer, corpora and token streams"
+                      " (default: $NGALORE_CACHE or ~/.cache/ngalore_jax)")
 
   g = p.add_argument_group("schedule")
   g.add_argument("--steps", type=_positive_int, default=d.steps, help="total training steps")
