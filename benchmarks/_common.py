@@ -218,6 +218,7 @@ def machine_info() -> dict[str, Any]:
       "jax": jax.__version__,
       "optax": optax.__version__,
       "code": code_version(),
+      "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
       "time": time.strftime("%Y-%m-%d %H:%M:%S"),
   }
 

@@ -31,7 +31,14 @@ Run:  python -m benchmarks.convergence --phase sweep
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# LAPACK (the SVD of a projector refresh) runs in OpenBLAS, whose worker threads spin-wait: on a
+# CPU shared with other processes one 512 x 1376 SVD took 4-14 s with its default threads and
+# 0.09 s with one. Set before jax (and its LAPACK) is imported; export the variable to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import math

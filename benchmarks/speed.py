@@ -11,8 +11,10 @@ presets (32k vocabulary) with a small batch so that it runs on a CPU:
   ``lax.cond`` on the optimizer's step counter, so timing the step on the initial state
   (count 0) measures a refresh and on the state after one step (count 1) an ordinary step.
   The amortised step over ``update_proj_gap`` steps is ``ordinary + (refresh - ordinary) / T``.
-* Optimizers are interleaved within each repeat (their order rotated), every number is the
-  median over repeats, and each ratio is to AdamW measured in the same run.
+* Optimizers are interleaved call by call (their order rotated every round), as in training
+  the state is donated to the step, every number is the median over rounds (with the minimum
+  beside it: on a shared CPU the minimum is the least disturbed estimate), and each ratio is to
+  AdamW measured in the same run.
 * The raw cost of the SVD of one ``--svd-shape`` matrix (default 2048 x 5461, a LLaMA-1B MLP
   kernel): exact thin SVD vs the randomized range finder at rank ``--svd-rank``, and the share
   of the exact top-r subspace's energy that the randomized one captures.
@@ -26,7 +28,14 @@ Run:  python -m benchmarks.speed [--presets tiny,60m] [--batch-size 2] [--seq-le
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# LAPACK (the SVD of a projector refresh) runs in OpenBLAS, whose worker threads spin-wait: on a
+# CPU shared with other processes one 512 x 1376 SVD took 4-14 s with its default threads and
+# 0.09 s with one. Set before jax (and its LAPACK) is imported; export the variable to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import pathlib
 import sys
@@ -59,9 +68,15 @@ def _model_config(preset: str, overrides: dict[str, Any]):
 
 
 def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: int,
-                 repeats: int, ordinary_calls: int, variants: list[str],
-                 peak_flops: Optional[float], model_overrides: dict[str, Any]) -> dict[str, Any]:
-  """Times every optimizer's ordinary and refresh step on one preset; returns a JSON record."""
+                 repeats: int, variants: list[str], peak_flops: Optional[float],
+                 model_overrides: dict[str, Any]) -> dict[str, Any]:
+  """Times every optimizer's ordinary and refresh step on one preset; returns a JSON record.
+
+  Each of the ``repeats`` rounds times, for every optimizer in turn (the order rotated per
+  round), one ordinary step and one refresh step. As in training, the state is donated to the
+  step: each timed call gets a fresh copy of the count-0 (refresh) or count-1 (ordinary) state,
+  made outside the timed region.
+  """
   from models import llama  # pylint: disable=import-outside-toplevel
   from train import steps as train_steps  # pylint: disable=import-outside-toplevel
 
@@ -72,20 +87,25 @@ def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: 
   schedule = optax.constant_schedule(1e-3)
   tokens = batch_size * seq_len
   flops = cfg.flops_per_token(seq_len) * tokens
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
   steps, states, compile_sec = {}, {}, {}
   for label in variants:
     name, options = VARIANTS[label]
     tx = _common.build_optimizer(name, schedule, rank=rank, update_proj_gap=gap, **options)
-    fn = jax.jit(train_steps.make_train_step(graphdef, tx, schedule))
-    state0 = train_steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                             jax.random.PRNGKey(0))
+    fn = jax.jit(train_steps.make_train_step(graphdef, tx, schedule), donate_argnums=0)
+    state0 = train_steps.TrainState(jnp.zeros((), jnp.int32), copy(params), tx.init(params),
+                                    jax.random.PRNGKey(0))
     start = time.perf_counter()
     compiled = fn.lower(state0, batch).compile()
     compile_sec[label] = time.perf_counter() - start
-    state1, _ = jax.block_until_ready(compiled(state0, batch))  # count 0 -> 1 (a refresh)
+    state1, _ = jax.block_until_ready(compiled(copy(state0), batch))  # count 0 -> 1
     steps[label], states[label] = compiled, (state0, state1)
     print(f"  {preset}: compiled {label} in {compile_sec[label]:.1f} s", flush=True)
+
+  def timed(fn, state):
+    fresh = jax.block_until_ready(copy(state))
+    return _common.time_call(lambda: fn(fresh, batch), 1)
 
   ordinary = {label: [] for label in variants}
   refresh = {label: [] for label in variants}
@@ -93,36 +113,41 @@ def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: 
     order = variants[rep % len(variants):] + variants[:rep % len(variants)]
     for label in order:
       fn, (state0, state1) = steps[label], states[label]
-      ordinary[label] += _common.time_call(lambda: fn(state1, batch), ordinary_calls)
-      refresh[label] += _common.time_call(lambda: fn(state0, batch), 1)
-    print(f"  {preset}: repeat {rep + 1}/{repeats} done", flush=True)
+      ordinary[label] += timed(fn, state1)
+      refresh[label] += timed(fn, state0)
+  print(f"  {preset}: {repeats} rounds timed", flush=True)
 
-  base = _common.median(ordinary["adamw"]) if "adamw" in ordinary else None
+  def summary(times_by_label, stat):
+    return {label: stat(t) for label, t in times_by_label.items()}
+
   rows = []
   for label in variants:
-    t_ord, t_ref = _common.median(ordinary[label]), _common.median(refresh[label])
-    projected = label != "adamw"
-    extra = max(t_ref - t_ord, 0.0) if projected else 0.0
-    amortised = t_ord + extra / gap
-    rows.append({
-        "optimizer": label,
-        "step_ms": 1e3 * t_ord,
-        "refresh_step_ms": 1e3 * t_ref if projected else None,
-        "refresh_extra_ms": 1e3 * extra if projected else None,
-        "amortised_step_ms": 1e3 * amortised,
-        "tokens_per_sec": tokens / amortised,
-        "gflops_per_sec": flops / amortised / 1e9,
-        "mfu": flops / amortised / peak_flops if peak_flops else None,
-        "step_vs_adamw": t_ord / base if base else None,
-        "amortised_vs_adamw": amortised / base if base else None,
-        "compile_sec": compile_sec[label],
-        "ordinary_times_ms": [1e3 * t for t in ordinary[label]],
-        "refresh_times_ms": [1e3 * t for t in refresh[label]],
-    })
+    row = {"optimizer": label, "compile_sec": compile_sec[label],
+           "ordinary_times_ms": [1e3 * t for t in ordinary[label]],
+           "refresh_times_ms": [1e3 * t for t in refresh[label]]}
+    for suffix, stat in (("", _common.median), ("_min", min)):
+      t_ord = summary(ordinary, stat)[label]
+      t_ref = summary(refresh, stat)[label]
+      base = summary(ordinary, stat).get("adamw")
+      projected = label != "adamw"
+      extra = max(t_ref - t_ord, 0.0) if projected else 0.0
+      amortised = t_ord + extra / gap
+      row.update({
+          f"step_ms{suffix}": 1e3 * t_ord,
+          f"refresh_step_ms{suffix}": 1e3 * t_ref if projected else None,
+          f"refresh_extra_ms{suffix}": 1e3 * extra if projected else None,
+          f"amortised_step_ms{suffix}": 1e3 * amortised,
+          f"tokens_per_sec{suffix}": tokens / amortised,
+          f"gflops_per_sec{suffix}": flops / amortised / 1e9,
+          f"mfu{suffix}": flops / amortised / peak_flops if peak_flops else None,
+          f"step_vs_adamw{suffix}": t_ord / base if base else None,
+          f"amortised_vs_adamw{suffix}": amortised / base if base else None,
+      })
+    rows.append(row)
   return {"preset": preset, "model": dataclasses.asdict(cfg), "num_params": cfg.num_params(),
           "batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tokens,
           "flops_per_step": flops, "rank": rank, "update_proj_gap": gap, "repeats": repeats,
-          "ordinary_calls_per_repeat": ordinary_calls, "rows": rows}
+          "rows": rows}
 
 
 def bench_svd(shape: tuple[int, int], rank: int, repeats: int) -> dict[str, Any]:
@@ -170,26 +195,32 @@ def report(results: dict[str, Any]) -> str:
   """Markdown tables of a results dict (as saved in the JSON)."""
   parts = []
   for p in results.get("presets", []):
-    rows = [[r["optimizer"], _fmt(r["step_ms"]), _fmt(r["refresh_step_ms"]),
-             _fmt(r["amortised_step_ms"]), _fmt(r["tokens_per_sec"], "{:.0f}"),
-             _fmt(r["step_vs_adamw"], "{:.2f}x"), _fmt(r["amortised_vs_adamw"], "{:.2f}x"),
-             _fmt(r["gflops_per_sec"]), _fmt(r["mfu"], "{:.1%}") if r["mfu"] else "n/a (CPU)",
-             _fmt(r["compile_sec"])] for r in p["rows"]]
+    rows = []
+    for r in p["rows"]:
+      both = lambda key, pattern="{:.0f}": (
+          "-" if r[key] is None else f"{pattern.format(r[key])} ({pattern.format(r[key + '_min'])})")
+      rows.append([r["optimizer"], both("step_ms"), both("refresh_step_ms"),
+                   both("amortised_step_ms"), both("tokens_per_sec"),
+                   both("amortised_vs_adamw", "{:.2f}x"), both("gflops_per_sec"),
+                   _fmt(r["mfu"], "{:.1%}") if r["mfu"] else "n/a (CPU)",
+                   _fmt(r["compile_sec"])])
     parts.append(
         f"**{p['preset']}** ({p['num_params'] / 1e6:.1f}M params, batch {p['batch_size']} x seq "
         f"{p['seq_len']} = {p['tokens_per_step']} tokens/step, rank {p['rank']}, amortised over "
-        f"update_proj_gap={p['update_proj_gap']}; medians of {p['repeats']} repeats x "
-        f"{p['ordinary_calls_per_repeat']} ordinary steps, {p['repeats']} refresh steps)\n\n"
+        f"update_proj_gap={p['update_proj_gap']}). Median (min) of {p['repeats']} interleaved "
+        "rounds.\n\n"
         + _common.markdown_table(
-            ["optimizer", "step ms", "refresh step ms", f"amortised ms", "tokens/s (amortised)",
-             "step / adamw", "amortised / adamw", "GFLOP/s", "MFU", "compile s"], rows))
+            ["optimizer", "step ms", "refresh step ms", "amortised ms", "tokens/s",
+             "amortised / adamw", "GFLOP/s", "MFU", "compile s"], rows))
   s = results.get("svd")
   if s:
     parts.append(_common.markdown_table(
         ["matrix", "rank", "exact SVD ms", "randomized ms", "speed-up",
          "randomized energy / exact"],
-        [[f"{s['shape'][0]} x {s['shape'][1]}", s["rank"], _fmt(s["exact_ms"], "{:.0f}"),
-          _fmt(s["randomized_ms"], "{:.0f}"), _fmt(s["speedup"], "{:.1f}x"),
+        [[f"{s['shape'][0]} x {s['shape'][1]}", s["rank"],
+          f"{s['exact_ms']:.0f} (min {min(s['times_ms']['exact']):.0f})",
+          f"{s['randomized_ms']:.0f} (min {min(s['times_ms']['randomized']):.0f})",
+          _fmt(s["speedup"], "{:.1f}x"),
           _fmt(s["randomized_captured_energy_vs_exact"], "{:.4f}")]]))
   return "\n\n".join(parts)
 
@@ -204,9 +235,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--rank", type=int, default=None, help="default: the paper's per preset")
   parser.add_argument("--update-proj-gap", type=int, default=200,
                       help="T of the amortised step (the library default, 200)")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--ordinary-calls", type=int, default=3,
-                      help="ordinary steps timed per optimizer per repeat")
+  parser.add_argument("--repeats", type=int, default=7,
+                      help="interleaved rounds (one ordinary and one refresh step each)")
   parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                       help="LlamaConfig field override for every preset (e.g. num_layers=1)")
   parser.add_argument("--svd-shape", default="2048x5461", help="MxN, or 'none' to skip")
@@ -215,8 +245,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="peak TFLOP/s for MFU (default: looked up; n/a on CPU)")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS_DIR / "speed.json")
-  parser.add_argument("--cache-dir", default=None)
+  parser.add_argument("--report", action="store_true", help="only print the tables of --out")
   args = parser.parse_args(argv)
+  if args.report:
+    print(report(_common.read_json(args.out)))
+    return 0
 
   variants = [v for v in args.optimizers.split(",") if v]
   if any(v not in VARIANTS for v in variants):
@@ -228,7 +261,6 @@ def main(argv: Optional[list[str]] = None) -> int:
   from train import metrics  # pylint: disable=import-outside-toplevel
   peak = (args.peak_tflops * 1e12 if args.peak_tflops
           else metrics.peak_flops_per_device(jax.devices()[0].device_kind))
-  _common.enable_compilation_cache(args.cache_dir)
 
   results: dict[str, Any] = {"machine": _common.machine_info(), "peak_flops": peak,
                              "presets": [], "svd": None}
@@ -237,8 +269,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rank = args.rank or RANKS[preset]
     results["presets"].append(bench_preset(
         preset, batch_size=args.batch_size, seq_len=args.seq_len, rank=rank,
-        gap=args.update_proj_gap, repeats=args.repeats, ordinary_calls=args.ordinary_calls,
-        variants=variants, peak_flops=peak, model_overrides=overrides))
+        gap=args.update_proj_gap, repeats=args.repeats, variants=variants, peak_flops=peak, model_overrides=overrides))
     _common.update_json(args.out, lambda data: data.update(results))
   if args.svd_shape != "none":
     m, n = (int(x) for x in args.svd_shape.lower().split("x"))
