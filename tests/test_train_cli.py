@@ -36,6 +36,24 @@ def test_from_argv_fills_the_config():
   assert config_lib.from_argv([]) == config_lib.TrainConfig()
 
 
+def test_natural_galore_flags_reach_the_optimizer():
+  import jax
+  import jax.numpy as jnp
+  import ngalore_jax as ng
+  from train import optimizers
+  cfg = config_lib.from_argv(["--history-size", "3", "--history-dtype", "bfloat16",
+                              "--proj-type", "reverse_std", "--refresh-policy", "rotate",
+                              "--exponent", "-0.5", "--damping-mode", "relative"])
+  tx = optimizers.build_optimizer(cfg, lambda step: 1e-3)
+  params = {"blocks": {0: {"attn": {"q": {"kernel": jnp.zeros((16, 4))}}}}}
+  state = jax.eval_shape(tx.init, params)
+  is_woodbury = lambda x: isinstance(x, ng.WoodburyState)
+  (woodbury,) = [x for x in jax.tree.leaves(state, is_leaf=is_woodbury) if is_woodbury(x)]
+  history = woodbury.history  # inside the projection the inner state is per leaf
+  # reverse_std on a 16 x 4 kernel: projector on the larger side, coefficients r x 4 = 4 x 4.
+  assert history.shape == (3, 4, 4) and history.dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "13b"], "argument --model: invalid choice"),
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
@@ -59,6 +77,7 @@ def test_argument_errors_exit_with_usage(argv, message, capsys):
     (["--override", "depth=3"], "--override depth: not a field of the model config"),
     (["--override", "hidden_size=-1"], "--override: hidden_size must be positive"),
     (["--warmup-steps", "500", "--steps", "100"], "--warmup-steps 500 must be below --steps"),
+    (["--exponent", "0.5"], "--exponent 0.5 must lie in [-1, 0)"),
 ])
 def test_bad_values_print_one_error_line(argv, message, capsys, tmp_path):
   code = pretrain.main(argv + ["--batch-size", "16", "--workdir", str(tmp_path / "run")])

@@ -52,6 +52,12 @@ class TrainConfig:
   scale: float = 0.25
   history_size: Optional[int] = None
   damping: Optional[float] = None
+  exponent: float = -1.0
+  damping_mode: str = "absolute"
+  history_dtype: Optional[str] = None
+  proj_type: str = "std"
+  refresh_policy: Optional[str] = None
+  svd_method: str = "exact"
   b1: float = 0.9
   b2: float = 0.999
   weight_decay: float = 0.0
@@ -242,6 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
                       " (default: the library's)")
   g.add_argument("--damping", type=_positive_float, default=d.damping,
                  help="natural_galore: Fisher damping lambda (default: the library's)")
+  g.add_argument("--exponent", type=float, default=d.exponent,
+                 help="natural_galore: power of the damped Fisher, in [-1, 0); -1 is the paper's "
+                      "natural gradient, -0.5 the GGT-style square root")
+  g.add_argument("--damping-mode", choices=("absolute", "relative"), default=d.damping_mode,
+                 help="natural_galore: damping as given, or times the history's top eigenvalue")
+  g.add_argument("--history-dtype", choices=("float32", "bfloat16"), default=d.history_dtype,
+                 help="natural_galore: dtype of the stored gradient history (default: the "
+                      "gradients')")
+  g.add_argument("--proj-type", choices=("std", "reverse_std", "left", "right"),
+                 default=d.proj_type,
+                 help="galore/natural_galore: which side holds the projector (std: the smaller)")
+  g.add_argument("--refresh-policy", choices=("keep", "reset", "rotate"),
+                 default=d.refresh_policy,
+                 help="galore/natural_galore: what happens to Adam's moments and the history "
+                      "when the projector is refreshed (default: the library's)")
+  g.add_argument("--svd-method", choices=("exact", "randomized"), default=d.svd_method,
+                 help="galore/natural_galore: how projectors are computed")
   g.add_argument("--b1", type=_non_negative_float, default=d.b1, help="Adam beta1")
   g.add_argument("--b2", type=_non_negative_float, default=d.b2, help="Adam beta2")
   g.add_argument("--weight-decay", type=_non_negative_float, default=d.weight_decay,
@@ -348,6 +371,8 @@ def validate(config: TrainConfig, model_cfg: Any) -> None:
     raise ConfigError(f"--warmup-steps {config.warmup_steps} must be below --steps {config.steps}")
   if not 0 <= config.b1 < 1 or not 0 <= config.b2 < 1:
     raise ConfigError("--b1 and --b2 must lie in [0, 1)")
+  if not -1.0 <= config.exponent < 0.0:
+    raise ConfigError(f"--exponent {config.exponent} must lie in [-1, 0)")
   if config.stop_at is not None and config.stop_at > config.steps:
     raise ConfigError(f"--stop-at {config.stop_at} is after --steps {config.steps}")
   if (config.coordinator_address is None) != (config.num_processes is None):

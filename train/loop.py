@@ -34,7 +34,9 @@ _IDENTITY_FLAGS = ("model", "model_overrides", "optimizer")
 # but no longer reproduces an uninterrupted run, so it is reported.
 _REPRO_FLAGS = ("dataset", "tokenizer", "seed", "batch_size", "seq_len", "steps", "lr",
                 "warmup_steps", "final_lr_ratio", "rank", "update_proj_gap", "scale",
-                "history_size", "damping", "b1", "b2", "weight_decay", "grad_clip")
+                "history_size", "damping", "exponent", "damping_mode", "history_dtype",
+                "proj_type", "refresh_policy", "svd_method", "b1", "b2", "weight_decay",
+                "grad_clip")
 
 
 class _SigintFlag:

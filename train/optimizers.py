@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from models import llama
@@ -58,7 +59,10 @@ def build_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Grad
   import ngalore_jax as ng  # pylint: disable=import-outside-toplevel
 
   adam = dict(b1=config.b1, b2=config.b2)
-  projection = dict(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale)
+  projection = dict(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale,
+                    proj_type=config.proj_type, svd_method=config.svd_method)
+  if config.refresh_policy is not None:
+    projection["refresh_policy"] = config.refresh_policy
   name = config.optimizer
   if name == "adamw":
     tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask, **adam)
@@ -66,7 +70,9 @@ def build_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Grad
     tx = ng.galore(schedule, **projection, **adam, weight_decay=config.weight_decay,
                    mask=llama.galore_mask, weight_decay_mask=decay_mask)
   elif name == "natural_galore":
-    natural = {}
+    natural = dict(exponent=config.exponent, damping_mode=config.damping_mode)
+    if config.history_dtype is not None:
+      natural["history_dtype"] = jnp.dtype(config.history_dtype)
     if config.history_size is not None:
       natural["history_size"] = config.history_size
     if config.damping is not None:
@@ -76,7 +82,7 @@ def build_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Grad
                            weight_decay_mask=decay_mask)
   elif name == "optax_galore":
     tx = optax.contrib.galore(
-        schedule, **projection, base_optimizer=optax.scale_by_adam(**adam),
+        schedule, rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, base_optimizer=optax.scale_by_adam(**adam),
         weight_decay=config.weight_decay, mask=decay_mask,
         weight_dimension_numbers=_optax_galore_dims)
   else:
