@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -226,7 +227,9 @@ def machine_info() -> dict[str, Any]:
 @contextlib.contextmanager
 def _locked(path: pathlib.Path):
   path.parent.mkdir(parents=True, exist_ok=True)
-  with open(str(path) + ".lock", "w", encoding="utf-8") as lock:
+  digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+  lock_path = pathlib.Path(tempfile.gettempdir()) / f"ngalore-bench-{digest}.lock"
+  with open(lock_path, "w", encoding="utf-8") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       yield

@@ -319,27 +319,35 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
       lr = lrs[variant]
       tried = [o for v, o in entries if v == variant]
       measured = {json.dumps(o, sort_keys=True): _runs_at(runs, variant, o, lr) for o in tried}
-      seeds = sorted(set().union(*[set(m) for m in measured.values()]))
-      if not seeds:
-        continue
       base_runs = base.get(variant, {})
-      base_finals = [_final(base_runs[s]) for s in seeds if s in base_runs]
       knob = next(iter(tried[0]))
       defaults = {"rank": data["setting"]["rank"], "refresh_policy": "keep", "proj_type": "std",
                   "update_proj_gap": data["setting"]["update_proj_gap"], **VARIANTS[variant][1]}
-      base_value = defaults[knob]
-      cells = [(f"{base_value} (base)", base_finals)]
+      # Each setting is compared with the base on the seeds both have (paired differences).
+      cells = []
       for o in tried:
         by_seed = measured[json.dumps(o, sort_keys=True)]
-        cells.append((str(o[knob]), [_final(by_seed[s]) for s in seeds if s in by_seed]))
-      best = min((statistics.fmean(f), label) for label, f in cells if f)[1]
-      for label, finals in cells:
-        rows.append([name, variant, f"{knob}={label}", len(finals), _spread(finals),
+        seeds = sorted(set(by_seed) & set(base_runs))
+        if seeds:
+          deltas = [_final(by_seed[s]) - _final(base_runs[s]) for s in seeds]
+          cells.append((str(o[knob]), seeds, [_final(by_seed[s]) for s in seeds], deltas))
+      if not cells:
+        continue
+      seeds = sorted(set().union(*[c[1] for c in cells]))
+      cells.insert(0, (f"{defaults[knob]} (base)", seeds, [_final(base_runs[s]) for s in seeds],
+                       [0.0] * len(seeds)))
+      best = min((statistics.fmean(c[3]), c[0]) for c in cells)[1]
+      for label, row_seeds, finals, deltas in cells:
+        rows.append([name, variant, f"{knob}={label}", ",".join(map(str, row_seeds)),
+                     _spread(finals),
+                     "-" if label.endswith("(base)") else _spread(deltas),
                      "**best**" if label == best else ""])
   if rows:
     parts.append("Ablations (one knob changed from the base setting, at the variant's chosen lr;"
-                 " same seeds for every row of a group):\n\n" + _common.markdown_table(
-                     ["ablation", "variant", "setting", "seeds", "held-out loss", ""], rows))
+                 " Δ = paired difference to the base on the same seeds, mean ± std; best = lowest"
+                 " mean Δ):\n\n" + _common.markdown_table(
+                     ["ablation", "variant", "setting", "seeds", "held-out loss", "Δ vs base", ""],
+                     rows))
   text = "\n\n".join(parts)
   if plot and base:
     _plot(out.with_suffix(".png"), base, lrs)
@@ -365,12 +373,15 @@ def _plot(path: pathlib.Path, base: dict[str, dict[int, dict[str, Any]]],
       line, = ax.plot(steps, losses.mean(0), label=label)
       ax.fill_between(steps, losses.min(0), losses.max(0), alpha=0.2, color=line.get_color())
   axes[0].set_title("held-out loss")
-  axes[1].set_title("held-out loss, second half")
-  half = [r for b in base.values() for r in b.values() if not r["diverged"]]
-  if half:
-    steps = half[0]["eval_steps"]
-    tail = [l for r in half for s, l in zip(r["eval_steps"], r["eval_loss"]) if s >= steps[-1] / 2]
-    axes[1].set_xlim(steps[-1] / 2, steps[-1])
+  axes[1].set_title("second half (variants within 0.2 of the best final loss)")
+  finished = [[r for r in b.values() if not r["diverged"]] for b in base.values()]
+  finished = [records for records in finished if records]
+  if finished:
+    means = [statistics.fmean(_final(r) for r in records) for records in finished]
+    close = [r for records, m in zip(finished, means) if m <= min(means) + 0.2 for r in records]
+    last = close[0]["eval_steps"][-1]
+    tail = [l for r in close for s, l in zip(r["eval_steps"], r["eval_loss"]) if s >= last / 2]
+    axes[1].set_xlim(last / 2, last)
     axes[1].set_ylim(min(tail) - 0.02, max(tail) + 0.02)
   for ax in axes:
     ax.set_xlabel("step")
@@ -387,6 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--phase", choices=("sweep", "seeds", "all", "none"), default="none")
   parser.add_argument("--ablation", default="",
                       help=f"comma-separated subset of {','.join(ABLATIONS)}")
+  parser.add_argument("--values", default="",
+                      help="comma-separated: run only the ablation settings with these values")
   parser.add_argument("--optimizers", default=",".join(VARIANTS),
                       help="variants to run (default: all)")
   parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (seeds, ablations)")
@@ -433,6 +446,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in ablations:
       for seed in range(args.seeds):
         for v, overrides in ABLATIONS[name]:
+          wanted = [x for x in args.values.split(",") if x]
+          if wanted and not any(str(value) in wanted for value in overrides.values()):
+            continue
           if v in variants:
             runner.run(v, overrides, lrs[v], seed, tag=f"ablation:{name}", force=args.force)
     print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
