@@ -1,5 +1,7 @@
 """galore_projection against NumPy float64 references of GaLore's formulas."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,10 +202,36 @@ def test_staggered_refreshes_spread_over_the_gap():
 
 
 def test_rotate_rejects_state_it_does_not_know():
-  tx = ng.galore_projection(optax.scale_by_rms(), rank=2, refresh_policy="rotate")
+  class Sums(NamedTuple):
+    total: jax.Array
+
+  unknown = optax.GradientTransformation(
+      lambda p: Sums(jnp.zeros_like(p)),
+      lambda u, s, p=None: (u, Sums(s.total + u)))
+  tx = ng.galore_projection(unknown, rank=2, refresh_policy="rotate")
   state = tx.init({"w": jnp.zeros((6, 4))})
-  with pytest.raises(ValueError, match="rotate"):
+  with pytest.raises(ValueError, match="refresh_policy='rotate' does not know"):
     tx.update({"w": jnp.ones((6, 4))}, state)
+
+
+def test_rotate_moves_momentum_and_rms_state_into_the_new_basis():
+  # optax.sgd momentum (linear) and RMSProp's nu (quadratic): first refresh at step 1.
+  rng = np.random.default_rng(8)
+  grads = [rng.normal(size=(7, 3)).astype(np.float32) for _ in range(2)]
+  for inner, field, squared in ((optax.trace(decay=0.5), "trace", False),
+                                (optax.scale_by_rms(decay=0.5), "nu", True)):
+    tx = ng.galore_projection(inner, rank=2, update_proj_gap=1, refresh_policy="rotate")
+    _, states = run(tx, grads)
+    old = np.asarray(states[0].projectors["w"][0], np.float64)
+    new = np.asarray(states[1].projectors["w"][0], np.float64)
+    rotation = new.T @ old
+    carried = np.asarray(getattr(states[0].inner_states["w"], field), np.float64)
+    carried = carried @ ((rotation ** 2).T if squared else rotation.T)  # right projection
+    coefficients = grads[1].astype(np.float64) @ new
+    want = (0.5 * carried + coefficients if not squared
+            else 0.5 * carried + 0.5 * coefficients ** 2)
+    np.testing.assert_allclose(getattr(states[1].inner_states["w"], field), want, rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_inner_that_needs_params_fails_clearly():

@@ -8,7 +8,12 @@ status 130; rerunning with the same ``--workdir`` resumes.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# On a shared CPU, OpenBLAS's threads spin-wait inside LAPACK: one 512 x 1376 SVD took 4-14 s
+# instead of 0.09 s (benchmarks/README.md). It must be set before numpy/jax load OpenBLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from typing import Any, Optional, Sequence
 
 from train import config as config_lib
