@@ -29,6 +29,7 @@ from optax import contrib
 
 import ngalore_jax as ng
 from models import llama
+from train import steps
 
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 GIB = 1024 ** 3
@@ -76,12 +77,8 @@ def per_device_bytes(tx, abstract_params, mesh):
 def compiled_step_memory(tx, graphdef, abstract_params, batch, seq):
   """XLA's memory analysis of the compiled train step (nothing is allocated)."""
 
-  def loss_fn(params, tokens):
-    logits = llama.apply(graphdef, params, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
   def train_step(params, state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    loss, grads = jax.value_and_grad(steps.cross_entropy, argnums=1)(graphdef, params, tokens)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, loss
 

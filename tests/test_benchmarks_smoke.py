@@ -81,3 +81,18 @@ def test_convergence_smoke(tmp_path, corpus):
     assert all(l == l and l < 10 for l in record["eval_loss"])  # finite
   assert "Δ vs galore" in stdout and "exponent" in stdout
   assert out.with_suffix(".png").is_file()
+
+
+def test_memory_smoke(tmp_path):
+  """The memory table for the 60m preset (eval_shape only: nothing allocated, a few seconds)."""
+  out = tmp_path / "memory.json"
+  stdout = _run("benchmarks.memory", "--presets", "60m", "--out", str(out))
+  rows = json.loads(out.read_text())
+  assert "| 60m (128) | ng.natural_galore |" in stdout
+  by_name = {r["optimizer"]: r for r in rows}
+  # Independent count: AdamW keeps two float32 moments per parameter, plus a step counter.
+  assert by_name["adamw"]["total"] == 2 * by_name["adamw"]["param_bytes"] + 4
+  # 60m: d 512, ffn 1376, 8 layers, rank 128; 'std' coefficients are r x max(m, n) per kernel
+  # (q, k, v, o: 128 x 512; gate, up, down: 128 x 1376); history 10 of them in float32.
+  coefficients = 8 * (4 * 128 * 512 + 3 * 128 * 1376)
+  assert by_name["ng.natural_galore"]["history"] == 10 * coefficients * 4
