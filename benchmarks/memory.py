@@ -12,6 +12,7 @@ Run:  python -m benchmarks.memory [--presets 60m,1b,7b] [--fsdp 8] [--compiled]
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -70,7 +71,7 @@ def per_device_bytes(tx, abstract_params, mesh):
   total = 0
   for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
     shard = sharding.shard_shape(leaf.shape)
-    total += int(jnp.dtype(leaf.dtype).itemsize) * int(jnp.prod(jnp.array(shard or (1,))))
+    total += jnp.dtype(leaf.dtype).itemsize * math.prod(shard)
   return total
 
 

@@ -55,9 +55,6 @@ class Unprojected:
   """A leaf the inner transformation sees at full size (0-D/1-D leaves, or excluded ones)."""
   num_factors = 0
 
-  def coefficient_shape(self, shape):
-    return shape
-
 
 @dataclasses.dataclass(frozen=True)
 class MatrixPlan:
@@ -88,8 +85,7 @@ class MatrixPlan:
     permuted_shape = tuple(self.shape[p] for p in self.perm)
     return jnp.transpose(x.reshape(permuted_shape), _inverse(self.perm))
 
-  def coefficient_shape(self, shape=None):
-    del shape
+  def coefficient_shape(self):
     if self.side == "left":
       return self.batch_shape + (self.rank, self.n)
     return self.batch_shape + (self.m, self.rank)
@@ -225,8 +221,7 @@ class TuckerPlan:
   def _modes(self):
     return [i for i, r in enumerate(self.ranks) if r is not None]
 
-  def coefficient_shape(self, shape=None):
-    del shape
+  def coefficient_shape(self):
     return tuple(d if r is None else r for d, r in zip(self.shape, self.ranks))
 
   def factor_shapes(self):
