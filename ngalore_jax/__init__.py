@@ -4,17 +4,25 @@ from ngalore_jax._accounting import optimizer_state_bytes
 from ngalore_jax._accounting import tree_bytes
 from ngalore_jax._alias import galore
 from ngalore_jax._alias import natural_galore
+from ngalore_jax._plans import PROJ_TYPES
 from ngalore_jax._plans import MatrixAxes
+from ngalore_jax._projection import REFRESH_POLICIES
+from ngalore_jax._projection import SVD_METHODS
 from ngalore_jax._projection import GaLoreProjectionState
 from ngalore_jax._projection import galore_projection
 from ngalore_jax._state_sharding import state_shardings
+from ngalore_jax._woodbury import DAMPING_MODES
 from ngalore_jax._woodbury import WoodburyState
 from ngalore_jax._woodbury import natural_direction
 from ngalore_jax._woodbury import woodbury_precondition
 
 __all__ = (
+    "DAMPING_MODES",
     "GaLoreProjectionState",
     "MatrixAxes",
+    "PROJ_TYPES",
+    "REFRESH_POLICIES",
+    "SVD_METHODS",
     "WoodburyState",
     "galore",
     "galore_projection",

@@ -11,6 +11,8 @@ from ngalore_jax import _checks
 from ngalore_jax import _sharding
 from ngalore_jax import _tree
 
+DAMPING_MODES = ("absolute", "relative")
+
 
 class WoodburyState(NamedTuple):
   """State of :func:`woodbury_precondition`.
@@ -101,7 +103,7 @@ def woodbury_precondition(
   _checks.check_positive_int("history_size", history_size)
   _checks.check_positive("damping", damping)
   _checks.check_range("exponent", exponent, -1.0, 0.0, high_open=True)
-  _checks.check_choice("damping_mode", damping_mode, ("absolute", "relative"))
+  _checks.check_choice("damping_mode", damping_mode, DAMPING_MODES)
   _checks.check_choice("solver", solver, ("auto", "cholesky", "eigh"))
   if solver == "cholesky" and exponent != -1.0:
     raise ValueError(f"`solver`='cholesky' needs `exponent`=-1, got exponent={exponent}; "
