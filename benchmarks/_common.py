@@ -1,9 +1,8 @@
 """Pieces shared by the speed and convergence benchmarks.
 
 * :func:`build_optimizer`: the optimizers compared, each ``chain(clip_by_global_norm, <opt>)``
-  exactly as :func:`train.optimizers.build_optimizer` builds them (same masks: GaLore projects the
-  attention and MLP kernels, weight decay skips 1-D leaves), but with every option of the library
-  reachable (``exponent``, ``damping_mode``, ``refresh_policy``, ``svd_method``, ...).
+  built through the trainer's optimizer registry (:mod:`train.optimizers`), never a second
+  builder.
 * :func:`make_lr_step`: a jitted train step whose peak learning rate is a run-time argument, so
   one compilation serves a whole learning-rate sweep and every seed.
 * :func:`train_bpe_tokenizer`: a small byte-level BPE tokenizer trained on the TRAIN split only,
@@ -15,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -29,19 +29,13 @@ from typing import Any, Callable, Optional
 import jax
 import optax
 
-import ngalore_jax as ng
-from models import llama
+from train import fetch
 from train import optimizers as train_optimizers
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
-#: Optimizer names :func:`build_optimizer` knows.
-OPTIMIZERS = ("adamw", "optax_galore", "galore", "natural_galore")
-
-
 def enable_compilation_cache(cache_dir: Optional[str] = None) -> None:
   """Persists XLA executables under ``<cache>/benchmarks/xla`` so reruns skip compiling."""
-  from train import fetch  # pylint: disable=import-outside-toplevel
   path = fetch.resolve_cache_dir(cache_dir) / "benchmarks" / "xla"
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -54,55 +48,37 @@ def warmup_cosine(steps: int, warmup_steps: int, final_lr_ratio: float = 0.1) ->
       end_value=final_lr_ratio)
 
 
-def build_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, rank: int = 32,
-                    update_proj_gap: int = 50, scale: float = 0.25, b1: float = 0.9,
-                    b2: float = 0.999, weight_decay: float = 0.0, grad_clip: float = 1.0,
+def build_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, grad_clip: float = 1.0,
                     **options: Any) -> optax.GradientTransformation:
-  """One of :data:`OPTIMIZERS`, with gradient clipping in front.
+  """The trainer's optimizer ``name`` (:data:`train.optimizers.REGISTRY`), clipping in front.
+
+  Built exactly as ``python -m train.pretrain --optimizer NAME`` builds it (same masks: GaLore
+  projects the attention and MLP kernels, weight decay skips 1-D leaves).
 
   Args:
-    name: ``"adamw"``, ``"optax_galore"`` (``optax.contrib.galore``), ``"galore"``
-      (``ng.galore``) or ``"natural_galore"`` (``ng.natural_galore``).
+    name: a registered optimizer (``adamw``, ``galore``, ``natural_galore``, ``optax_galore``,
+      ...).
     learning_rate: a float or schedule.
-    rank: projection rank (GaLore variants).
-    update_proj_gap: steps between projector refreshes (GaLore variants).
-    scale: GaLore's alpha.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    weight_decay: decoupled weight decay on the >= 2-D leaves.
     grad_clip: global-norm clipping of the full gradient (0 disables it).
-    **options: further keyword arguments of ``ng.galore`` / ``ng.natural_galore``
-      (``history_size``, ``damping``, ``exponent``, ``damping_mode``, ``refresh_policy``,
-      ``svd_method``, ``proj_type``, ...).
+    **options: fields of the optimizer's config (``rank``, ``update_proj_gap``,
+      ``history_size``, ``proj_type``, ...); an option it does not take is a ``ValueError``.
 
   Returns:
     An ``optax.GradientTransformation`` for the parameters of :mod:`models.llama`.
   """
-  adam = dict(b1=b1, b2=b2)
-  projection = dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale)
-  decay_mask = train_optimizers.decay_mask
-  if name != "natural_galore" and name != "galore" and options:
-    raise ValueError(f"{name} takes no options, got {sorted(options)}")
-  if name == "adamw":
-    tx = optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask, **adam)
-  elif name == "optax_galore":
-    def dims(params):
-      return jax.tree.map(
-          lambda projected: optax.contrib.GaLoreDimensionNumbers() if projected else None,
-          llama.galore_mask(params))
-    tx = optax.contrib.galore(learning_rate, **projection,
-                              base_optimizer=optax.scale_by_adam(**adam),
-                              weight_decay=weight_decay, mask=decay_mask,
-                              weight_dimension_numbers=dims)
-  elif name in ("galore", "natural_galore"):
-    alias = ng.galore if name == "galore" else ng.natural_galore
-    tx = alias(learning_rate, **projection, **adam, weight_decay=weight_decay,
-               mask=llama.galore_mask, weight_decay_mask=decay_mask, **options)
-  else:
-    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
-  if grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
-  return tx
+  config = train_optimizers.make(name, **options)
+  return train_optimizers.with_clipping(config.build(learning_rate), grad_clip)
+
+
+def taken_options(name: str, **candidates: Any) -> dict[str, Any]:
+  """The ``candidates`` that optimizer ``name`` takes (e.g. a shared rank, not for AdamW).
+
+  Examples:
+    >>> taken_options("adamw", rank=8, b1=0.8)
+    {'b1': 0.8}
+  """
+  fields = {f.name for f in dataclasses.fields(train_optimizers.REGISTRY[name])}
+  return {k: v for k, v in candidates.items() if k in fields}
 
 
 def cross_entropy(graphdef: Any, params: Any, batch: jax.Array) -> jax.Array:
@@ -152,7 +128,6 @@ def train_bpe_tokenizer(vocab_size: int, *, dataset: str = "default",
   import tokenizers  # pylint: disable=import-outside-toplevel
   from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
   from train import corpus as corpus_lib  # pylint: disable=import-outside-toplevel
-  from train import fetch  # pylint: disable=import-outside-toplevel
 
   safe = "".join(c if c.isalnum() else "_" for c in dataset)[:40]
   path = fetch.resolve_cache_dir(cache_dir) / "benchmarks" / f"bpe-{safe}-{vocab_size}.json"
@@ -166,11 +141,7 @@ def train_bpe_tokenizer(vocab_size: int, *, dataset: str = "default",
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator((d.text for d in corpus.documents("train")), trainer=trainer)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-  os.close(fd)
-  tok.save(tmp)
-  os.replace(tmp, path)
+  fetch.write_atomic(path, tok.to_str().encode())
   return path
 
 
@@ -254,10 +225,8 @@ def update_json(path: pathlib.Path, fn: Callable[[dict[str, Any]], None]) -> dic
   with _locked(path):
     data = read_json(path)
     fn(data)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(data, f, indent=1, sort_keys=True, default=_plain)
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1, sort_keys=True, default=_plain)
+    fetch.write_atomic(path, text.encode())
   return data
 
 

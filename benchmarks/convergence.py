@@ -174,11 +174,10 @@ class Runner:
     key = run_key(variant, overrides, 0, 0)
     if key not in self._steps:
       name, options = VARIANTS[variant]
-      options = dict(options)
-      projection = dict(rank=self.setting.rank, update_proj_gap=self.setting.update_proj_gap)
-      for k, v in overrides.items():
-        (projection if k in projection else options)[k] = v
-      tx = _common.build_optimizer(name, self.schedule, **projection, **options)
+      options = {**_common.taken_options(name, rank=self.setting.rank,
+                                         update_proj_gap=self.setting.update_proj_gap),
+                 **options, **overrides}
+      tx = _common.build_optimizer(name, self.schedule, **options)
       self._steps[key] = (tx, _common.make_lr_step(self.graphdef, tx))
     return self._steps[key]
 

@@ -22,14 +22,15 @@ if "--fsdp" in sys.argv:  # fake CPU devices must be requested before jax is imp
   os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={count}")
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax import contrib
 
 import ngalore_jax as ng
 from models import llama
+from train import optimizers as train_optimizers
 from train import steps
 
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
@@ -37,26 +38,25 @@ GIB = 1024 ** 3
 MIB = 1024 ** 2
 
 
-def optimizers(rank, mask):
-  """The optimizers compared, each at its defaults except the paper's rank."""
+#: label -> (registered optimizer, its options besides the rank): each at its defaults.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "optax.contrib.galore": ("optax_galore", {}),
+    "ng.galore": ("galore", {}),
+    "ng.natural_galore": ("natural_galore", {}),
+    "ng.natural_galore (bf16 history)": ("natural_galore", {"history_dtype": "bfloat16"}),
+    # optax.contrib's side: projector on the larger side, coefficients r x min(m, n).
+    "ng.galore (reverse_std)": ("galore", {"proj_type": "reverse_std"}),
+    "ng.natural_galore (reverse_std, bf16 history)": (
+        "natural_galore", {"proj_type": "reverse_std", "history_dtype": "bfloat16"}),
+}
 
-  def optax_galore_dims(params):
-    is_projected = mask(params)
-    return jax.tree.map(lambda p: contrib.GaLoreDimensionNumbers() if p else None, is_projected)
 
-  return {
-      "adamw": optax.adamw(1e-3),
-      "optax.contrib.galore": contrib.galore(1e-3, rank=rank,
-                                             weight_dimension_numbers=optax_galore_dims),
-      "ng.galore": ng.galore(1e-3, rank=rank, mask=mask),
-      "ng.natural_galore": ng.natural_galore(1e-3, rank=rank, mask=mask),
-      "ng.natural_galore (bf16 history)": ng.natural_galore(1e-3, rank=rank, mask=mask,
-                                                            history_dtype=jnp.bfloat16),
-      # optax.contrib's side: projector on the larger side, coefficients r x min(m, n).
-      "ng.galore (reverse_std)": ng.galore(1e-3, rank=rank, mask=mask, proj_type="reverse_std"),
-      "ng.natural_galore (reverse_std, bf16 history)": ng.natural_galore(
-          1e-3, rank=rank, mask=mask, proj_type="reverse_std", history_dtype=jnp.bfloat16),
-  }
+def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:
+  """The optimizers compared, built by the trainer's registry at the paper's rank."""
+  return {label: train_optimizers.make(name, **options, **({} if name == "adamw" else
+                                                           {"rank": rank})).build(1e-3)
+          for label, (name, options) in VARIANTS.items()}
 
 
 def per_device_bytes(tx, abstract_params, mesh):
@@ -117,7 +117,7 @@ def main(argv=None):
     graphdef, params = llama.abstract_params(config)
     rank = PAPER_RANKS[preset]
     param_bytes = ng.tree_bytes(params)
-    for name, tx in optimizers(rank, llama.galore_mask).items():
+    for name, tx in optimizers(rank).items():
       state = jax.eval_shape(tx.init, params)
       row = {"preset": preset, "rank": rank, "param_dtype": args.param_dtype,
              "optimizer": name, "param_bytes": param_bytes, **ng.optimizer_state_bytes(state)}

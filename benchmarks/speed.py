@@ -92,7 +92,8 @@ def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: 
   steps, states, compile_sec = {}, {}, {}
   for label in variants:
     name, options = VARIANTS[label]
-    tx = _common.build_optimizer(name, schedule, rank=rank, update_proj_gap=gap, **options)
+    tx = _common.build_optimizer(
+        name, schedule, **_common.taken_options(name, rank=rank, update_proj_gap=gap), **options)
     fn = jax.jit(train_steps.make_train_step(graphdef, tx, schedule), donate_argnums=0)
     state0 = train_steps.TrainState(jnp.zeros((), jnp.int32), copy(params), tx.init(params),
                                     jax.random.PRNGKey(0))

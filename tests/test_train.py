@@ -94,7 +94,7 @@ def test_end_to_end(optimizer, runs, capsys):
   assert records[-1]["tokens_per_sec"] > 0 and records[-1]["tflops"] > 0
 
   resolved = json.loads((workdir / "config.json").read_text())
-  assert resolved["train"]["optimizer"] == optimizer
+  assert resolved["train"]["optimizer"]["name"] == optimizer
   assert resolved["model"]["hidden_size"] == 64 and resolved["model"]["vocab_size"] == 32000
   assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
   assert checkpointing.Checkpointer(workdir / "checkpoints").all_steps() == [4, STEPS]

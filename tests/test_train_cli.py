@@ -29,7 +29,8 @@ def test_from_argv_fills_the_config():
   cfg = config_lib.from_argv(["--model", "60m", "--optimizer", "galore", "--rank", "64",
                               "--mesh", "data=2,fsdp=4", "--override", "num_layers=2",
                               "--no-progress"])
-  assert (cfg.model, cfg.optimizer, cfg.rank, cfg.progress) == ("60m", "galore", 64, False)
+  assert (cfg.model, cfg.optimizer.name, cfg.optimizer.rank, cfg.progress) == (
+      "60m", "galore", 64, False)
   assert cfg.model_overrides == (("num_layers", 2),)
   assert cfg.resolved_workdir() == "runs/galore-60m"
   assert config_lib.parse_mesh(cfg.mesh) == {"data": 2, "fsdp": 4}
@@ -77,7 +78,9 @@ def test_argument_errors_exit_with_usage(argv, message, capsys):
     (["--override", "depth=3"], "--override depth: not a field of the model config"),
     (["--override", "hidden_size=-1"], "--override: hidden_size must be positive"),
     (["--warmup-steps", "500", "--steps", "100"], "--warmup-steps 500 must be below --steps"),
-    (["--exponent", "0.5"], "--exponent 0.5 must lie in [-1, 0)"),
+    (["--exponent", "0.5"], "--optimizer natural_galore: --exponent must be in [-1.0, 0.0), got 0.5"),
+    (["--history-size", "0"], "--history-size must be an integer >= 1, got 0"),
+    (["--optimizer", "adamw", "--b1", "1.5"], "--b1 must lie in [0, 1), got 1.5"),
 ])
 def test_bad_values_print_one_error_line(argv, message, capsys, tmp_path):
   code = pretrain.main(argv + ["--batch-size", "16", "--workdir", str(tmp_path / "run")])

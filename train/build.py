@@ -106,7 +106,11 @@ def setup(config: TrainConfig) -> Setup:
   abstract_params = sharding_lib.with_shardings(abstract_params, param_sh)
 
   schedule = optimizers.learning_rate_schedule(config)
-  tx = optimizers.build_optimizer(config, schedule)
+  try:
+    tx = optimizers.build_optimizer(config, schedule)
+  except ValueError as e:  # the library names the argument; the user knows it as a flag
+    raise ConfigError(f"--optimizer {config.optimizer.name}: "
+                      f"{optimizers.flag_message(str(e))}") from e
   repl = sharding_lib.replicated(mesh)
   state_sh = TrainState(repl, param_sh, sharding_lib.state_shardings(tx, abstract_params), repl)
   abstract = jax.eval_shape(

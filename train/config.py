@@ -9,11 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import math
 import os
 from typing import Any, Optional, Sequence
 
+from train import optimizers
+from train.optimizers import OptimizerConfig
+
 MODELS = ("tiny", "60m", "130m", "350m", "1b", "7b")
-OPTIMIZERS = ("adamw", "galore", "natural_galore", "optax_galore")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -45,22 +49,8 @@ class TrainConfig:
   lr: float = 3e-3
   warmup_steps: int = 30
   final_lr_ratio: float = 0.1
-  # Optimizer.
-  optimizer: str = "natural_galore"
-  rank: int = 64
-  update_proj_gap: int = 100
-  scale: float = 0.25
-  history_size: Optional[int] = None
-  damping: Optional[float] = None
-  exponent: float = -1.0
-  damping_mode: str = "absolute"
-  history_dtype: Optional[str] = None
-  proj_type: str = "std"
-  refresh_policy: Optional[str] = None
-  svd_method: str = "exact"
-  b1: float = 0.9
-  b2: float = 0.999
-  weight_decay: float = 0.0
+  # Optimizer: which one and its options (train.optimizers), then clipping in front of it.
+  optimizer: OptimizerConfig = optimizers.NaturalGaLoreConfig()
   grad_clip: float = 1.0
   # Evaluation, logging, checkpoints.
   eval_every: int = 100
@@ -81,14 +71,43 @@ class TrainConfig:
 
   def resolved_workdir(self) -> str:
     """The working directory, ``runs/<optimizer>-<model>`` unless given."""
-    return self.workdir or os.path.join("runs", f"{self.optimizer}-{self.model}")
+    return self.workdir or os.path.join("runs", f"{self.optimizer.name}-{self.model}")
 
   def to_dict(self) -> dict[str, Any]:
-    """A JSON-serialisable view (overrides as a dict, workdir resolved)."""
+    """A JSON-serialisable view (overrides as a dict, optimizer as ``{"name": ..., options}``,
+    workdir resolved)."""
     out = dataclasses.asdict(self)
     out["model_overrides"] = dict(self.model_overrides)
+    out["optimizer"] = {"name": self.optimizer.name, **self.optimizer.options()}
     out["workdir"] = self.resolved_workdir()
     return out
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    """The inverse of :meth:`to_dict` (unknown keys are ignored, missing ones take defaults).
+
+    Raises:
+      ValueError: the optimizer is not registered.
+
+    Examples:
+      >>> config = TrainConfig(optimizer=optimizers.make("galore", rank=8), steps=10)
+      >>> TrainConfig.from_dict(config.to_dict()) == dataclasses.replace(
+      ...     config, workdir=config.resolved_workdir())
+      True
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in values.items() if k in fields and k != "optimizer"}
+    if "model_overrides" in kwargs:
+      kwargs["model_overrides"] = tuple(dict(kwargs["model_overrides"]).items())
+    saved = values.get("optimizer")
+    if saved is not None:
+      # Older runs stored the optimizer's name with its options flat beside the other fields.
+      options = dict(values) if isinstance(saved, str) else dict(saved)
+      name = saved if isinstance(saved, str) else options.pop("name")
+      known = {f.name for f in dataclasses.fields(optimizers.REGISTRY[name])}
+      kwargs["optimizer"] = optimizers.make(
+          name, **{k: v for k, v in options.items() if k in known})
+    return cls(**kwargs)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -119,6 +138,17 @@ def _non_negative_float(text: str) -> float:
   value = float(text)
   if not value >= 0:
     raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+  return value
+
+
+# How an optimizer option's text is parsed: floats must be finite (the library checks ranges).
+_OPTION_TYPES = {int: int, float: lambda text: _finite_float(text), str: str}
+
+
+def _finite_float(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
   return value
 
 
@@ -234,41 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--final-lr-ratio", type=_non_negative_float, default=d.final_lr_ratio,
                  help="cosine decay ends at lr * this ratio at --steps")
 
-  g = p.add_argument_group("optimizer")
-  g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                 help="optax_galore is optax.contrib.galore, for comparison")
-  g.add_argument("--rank", type=_positive_int, default=d.rank,
-                 help="GaLore projection rank (at most the model width)")
-  g.add_argument("--update-proj-gap", type=_positive_int, default=d.update_proj_gap,
-                 help="steps between projector refreshes (SVD of the gradient)")
-  g.add_argument("--scale", type=_positive_float, default=d.scale,
-                 help="GaLore scale alpha applied to the projected-back update")
-  g.add_argument("--history-size", type=_positive_int, default=d.history_size,
-                 help="natural_galore: gradients kept for the empirical Fisher"
-                      " (default: the library's)")
-  g.add_argument("--damping", type=_positive_float, default=d.damping,
-                 help="natural_galore: Fisher damping lambda (default: the library's)")
-  g.add_argument("--exponent", type=float, default=d.exponent,
-                 help="natural_galore: power of the damped Fisher, in [-1, 0); -1 is the paper's "
-                      "natural gradient, -0.5 the GGT-style square root")
-  g.add_argument("--damping-mode", choices=("absolute", "relative"), default=d.damping_mode,
-                 help="natural_galore: damping as given, or times the history's top eigenvalue")
-  g.add_argument("--history-dtype", choices=("float32", "bfloat16"), default=d.history_dtype,
-                 help="natural_galore: dtype of the stored gradient history (default: the "
-                      "gradients')")
-  g.add_argument("--proj-type", choices=("std", "reverse_std", "left", "right"),
-                 default=d.proj_type,
-                 help="galore/natural_galore: which side holds the projector (std: the smaller)")
-  g.add_argument("--refresh-policy", choices=("keep", "reset", "rotate"),
-                 default=d.refresh_policy,
-                 help="galore/natural_galore: what happens to Adam's moments and the history "
-                      "when the projector is refreshed (default: the library's)")
-  g.add_argument("--svd-method", choices=("exact", "randomized"), default=d.svd_method,
-                 help="galore/natural_galore: how projectors are computed")
-  g.add_argument("--b1", type=_non_negative_float, default=d.b1, help="Adam beta1")
-  g.add_argument("--b2", type=_non_negative_float, default=d.b2, help="Adam beta2")
-  g.add_argument("--weight-decay", type=_non_negative_float, default=d.weight_decay,
-                 help="decoupled weight decay (never on 1-D norms/biases)")
+  g = p.add_argument_group(
+      "optimizer", "--optimizer picks one of train.optimizers.REGISTRY; the options below are "
+      "its fields (each says which optimizers take it; unset: that optimizer's default)")
+  g.add_argument("--optimizer", choices=tuple(optimizers.REGISTRY), default=d.optimizer.name,
+                 help="; ".join(f"{name}: {cls.description}"
+                                for name, cls in optimizers.REGISTRY.items()))
+  for name, (field, users) in optimizers.option_fields().items():
+    meta = field.metadata
+    default = "the library's" if field.default is None else field.default
+    users_text = "all" if len(users) == len(optimizers.REGISTRY) else ", ".join(users)
+    g.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                   type=_OPTION_TYPES[meta["type"]], choices=meta["choices"],
+                   metavar=None if meta["choices"] else name.upper(),
+                   help=f"{meta['help']} ({users_text}; default: {default})")
   g.add_argument("--grad-clip", type=_non_negative_float, default=d.grad_clip,
                  help="clip the global gradient norm before the optimizer; 0 disables")
 
@@ -323,7 +332,16 @@ def from_argv(argv: Optional[Sequence[str]] = None) -> TrainConfig:
   ns = parser.parse_args(argv)
   values = vars(ns)
   values["model_overrides"] = tuple(values["model_overrides"])
-  cfg = TrainConfig(**values)
+  name = values.pop("optimizer")
+  taken = {f.name for f in dataclasses.fields(optimizers.REGISTRY[name])}
+  given = {k: values.pop(k) for k in optimizers.option_fields()}
+  given = {k: v for k, v in given.items() if v is not None}
+  ignored = sorted(set(given) - taken)
+  if ignored:
+    logging.getLogger(__name__).warning(
+        "--optimizer %s ignores %s", name, ", ".join("--" + k.replace("_", "-") for k in ignored))
+  cfg = TrainConfig(optimizer=optimizers.make(
+      name, **{k: v for k, v in given.items() if k in taken}), **values)
   try:
     parse_mesh(cfg.mesh)  # fail early on a malformed mesh
   except ConfigError as e:
@@ -361,18 +379,15 @@ def validate(config: TrainConfig, model_cfg: Any) -> None:
     ConfigError: naming the flag, e.g. a rank above the model width or a
       sequence longer than the model's maximum positions.
   """
-  if config.optimizer != "adamw" and config.rank > model_cfg.hidden_size:
-    raise ConfigError(f"--rank {config.rank} exceeds the model width"
-                      f" (hidden_size {model_cfg.hidden_size} for --model {config.model})")
+  try:
+    config.optimizer.validate(model_cfg)
+  except ValueError as e:
+    raise ConfigError(f"{optimizers.flag_message(str(e))} for --model {config.model}") from e
   if config.seq_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"--seq-len {config.seq_len} exceeds the maximum positions of --model"
                       f" {config.model} ({model_cfg.max_position_embeddings})")
   if config.warmup_steps >= config.steps:
     raise ConfigError(f"--warmup-steps {config.warmup_steps} must be below --steps {config.steps}")
-  if not 0 <= config.b1 < 1 or not 0 <= config.b2 < 1:
-    raise ConfigError("--b1 and --b2 must lie in [0, 1)")
-  if not -1.0 <= config.exponent < 0.0:
-    raise ConfigError(f"--exponent {config.exponent} must lie in [-1, 0)")
   if config.stop_at is not None and config.stop_at > config.steps:
     raise ConfigError(f"--stop-at {config.stop_at} is after --steps {config.steps}")
   if (config.coordinator_address is None) != (config.num_processes is None):

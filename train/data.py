@@ -22,7 +22,6 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 import time
 
 import numpy as np
@@ -213,14 +212,8 @@ def _cache_paths(cache_dir, corpus, split, tokenizer, max_tokens) -> tuple[pathl
 
 
 def _save_npy(path: pathlib.Path, array: np.ndarray) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with fetch.atomic_writer(path) as f:
+    np.save(f, array)
 
 
 def cached_tokens(corpus: corpus_lib.Corpus, split: str, tokenizer, *,

@@ -5,12 +5,14 @@ the trainer needs is what ``pip download`` uses. Everything lands under one cach
 ``$NGALORE_CACHE`` if set, else ``~/.cache/ngalore_jax``.
 """
 
+import contextlib
 import hashlib
 import os
 import pathlib
 import subprocess
 import sys
 import tempfile
+from typing import IO, Iterator
 
 CACHE_ENV_VAR = "NGALORE_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/ngalore_jax"
@@ -52,24 +54,44 @@ def sha256_file(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file and a rename.
+@contextlib.contextmanager
+def atomic_writer(path: pathlib.Path) -> Iterator[IO[bytes]]:
+  """Opens a temporary file beside ``path`` for writing; renames it to ``path`` on success.
 
-  Concurrent writers (several processes filling the same cache) never expose a half-written file.
+  The one way this project writes a file that others read: concurrent writers (several processes
+  filling the same cache) and crashes never expose a half-written file. On an exception the
+  temporary file is removed and ``path`` keeps its old content.
 
   Args:
     path: the destination; its directory is created if needed.
-    data: the bytes to write.
+
+  Yields:
+    A binary file object.
+
+  Examples:
+    >>> import pathlib, tempfile
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "x.bin"
+    >>> with atomic_writer(target) as f:
+    ...   _ = f.write(b"done")
+    >>> target.read_bytes()
+    b'done'
   """
+  path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      yield f
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through :func:`atomic_writer`."""
+  with atomic_writer(path) as f:
+    f.write(data)
 
 
 def pip_download(requirement: str, dest: pathlib.Path, *, sdist: bool) -> pathlib.Path:

@@ -23,21 +23,11 @@ import numpy as np
 from train import build
 from train import checkpointing
 from train import metrics as metrics_lib
+from train import resume
 from train import sharding as sharding_lib
 from train.build import Setup
 from train.config import ConfigError, TrainConfig
 from train.steps import TrainState
-
-# Flags that change what is being trained: resuming across a change is refused.
-_IDENTITY_FLAGS = ("model", "model_overrides", "optimizer")
-# Flags that change the data order or the update rule: resuming across a change is allowed
-# but no longer reproduces an uninterrupted run, so it is reported.
-_REPRO_FLAGS = ("dataset", "tokenizer", "seed", "batch_size", "seq_len", "steps", "lr",
-                "warmup_steps", "final_lr_ratio", "rank", "update_proj_gap", "scale",
-                "history_size", "damping", "exponent", "damping_mode", "history_dtype",
-                "proj_type", "refresh_policy", "svd_method", "b1", "b2", "weight_decay",
-                "grad_clip")
-
 
 class _SigintFlag:
   """Turns the first Ctrl-C into a request to save and stop; a second one aborts."""
@@ -65,16 +55,7 @@ class _SigintFlag:
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, workdir: str) -> None:
-  current = config.to_dict()
-  for key in _IDENTITY_FLAGS:
-    if saved.get(key) != current[key]:
-      raise ConfigError(
-          f"--workdir {workdir} holds a run with {key}={saved.get(key)!r}, not {current[key]!r};"
-          " choose another --workdir or delete it")
-  changed = [k for k in _REPRO_FLAGS if saved.get(k) != current[k]]
-  if changed:
-    print(f"warning: resuming with changed {', '.join(changed)}; the run will not reproduce"
-          " an uninterrupted one", file=sys.stderr)
+  resume.check_resumable(saved, config, workdir)
 
 
 def _initial_eval_perplexity(path: str) -> Optional[float]:
@@ -205,7 +186,7 @@ def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
 
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=end, initial=start, disable=not (config.progress and lead),
-             desc=f"{config.optimizer} {config.model}", unit="step", dynamic_ncols=True)
+             desc=f"{config.optimizer.name} {config.model}", unit="step", dynamic_ncols=True)
   record: dict[str, Any] = {}
   train_tokens, train_seconds = 0, 0.0
   step = start

@@ -1,24 +1,286 @@
-"""Builds the optax optimizer and learning-rate schedule from a TrainConfig.
+"""Optimizers as data: one small registered config per optimizer, each with its own ``build``.
 
-Every optimizer is ``chain(clip_by_global_norm(c), <optimizer>)``: clipping
-acts on the full gradient, outside the low-rank projection. Weight decay never
-touches 1-D leaves (norm scales, biases); which matrices GaLore projects comes
-from ``models.llama.galore_mask`` (attention and MLP kernels).
+Every entry point (pretraining, the benchmarks) names an optimizer and its options the same way:
+a frozen dataclass registered under a name (:data:`REGISTRY`). The command line is generated
+from the dataclass fields (:func:`train.config.build_parser`), so a new optimizer is one class
+here and nothing else: its fields become flags, its ``build`` the optax transformation.
+
+Fields left at ``None`` mean "the library's default" (``ng.natural_galore``'s ``history_size``,
+``proj_type``, ...), so defaults live in one place, the library. Every optimizer is
+``chain(clip_by_global_norm(c), <optimizer>)`` (clipping acts on the full gradient, outside the
+low-rank projection). Weight decay never touches 1-D leaves (norm scales, biases); which matrices
+GaLore projects comes from ``models.llama.galore_mask`` (attention and MLP kernels) unless a
+caller passes another mask.
+
+Examples:
+  >>> config = make("galore", rank=16)
+  >>> config.name, config.rank, config.update_proj_gap
+  ('galore', 16, 100)
+  >>> sorted(REGISTRY)[:3]
+  ['adamw', 'galore', 'natural_galore']
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import math
+import re
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
+import ngalore_jax as ng
 from models import llama
-from train.config import TrainConfig
+
+#: name -> config class, filled by :func:`register`.
+REGISTRY: dict[str, type["OptimizerConfig"]] = {}
+
+HISTORY_DTYPES = ("float32", "bfloat16")
 
 
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+def option(default: Any, help: str, *, type: Callable[[str], Any],  # pylint: disable=redefined-builtin
+           choices: Optional[tuple[str, ...]] = None) -> Any:
+  """A config field that is also a command-line flag (``--field-name``).
+
+  Args:
+    default: the field's default; ``None`` means the library's default.
+    help: the flag's help text.
+    type: parses the flag's text (``int``, ``float``, ``str``).
+    choices: the allowed values, if a fixed set.
+
+  Returns:
+    A ``dataclasses.field``.
+  """
+  return dataclasses.field(default=default,
+                           metadata={"help": help, "type": type, "choices": choices})
+
+
+def register(cls: type["OptimizerConfig"]) -> type["OptimizerConfig"]:
+  """Class decorator: adds an optimizer config to :data:`REGISTRY` under ``cls.name``."""
+  if cls.name in REGISTRY:
+    raise ValueError(f"optimizer {cls.name!r} registered twice")
+  REGISTRY[cls.name] = cls
+  return cls
+
+
+def decay_mask(params: Any) -> Any:
+  """True for leaves that get weight decay: everything but 1-D norms and biases."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Base of the optimizer configs: a name, option fields, ``validate`` and ``build``."""
+
+  name: ClassVar[str] = ""
+  description: ClassVar[str] = ""
+
+  def options(self) -> dict[str, Any]:
+    """The option fields and their values (``None``: the library's default)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def given_options(self) -> dict[str, Any]:
+    """The options that are set (not ``None``), to pass on as keyword arguments."""
+    return {k: v for k, v in self.options().items() if v is not None}
+
+  def validate(self, model_config: Any) -> None:
+    """Raises ``ValueError`` naming the option when it does not fit ``model_config``."""
+    del model_config
+
+  def build(self, learning_rate: optax.ScalarOrSchedule, *,
+            projected: Callable[[Any], Any] = llama.galore_mask,
+            decayed: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:
+    """The optax transformation (without gradient clipping).
+
+    Args:
+      learning_rate: a float or schedule.
+      projected: which leaves a low-rank method projects (bool pytree of the params).
+      decayed: which leaves get weight decay.
+    """
+    raise NotImplementedError
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig(OptimizerConfig):
+  """AdamW on every parameter (``optax.adamw``)."""
+
+  name: ClassVar[str] = "adamw"
+  description: ClassVar[str] = "optax.adamw on every parameter"
+
+  b1: float = option(0.9, "Adam beta1", type=float)
+  b2: float = option(0.999, "Adam beta2", type=float)
+  eps: float = option(1e-8, "Adam epsilon", type=float)
+  weight_decay: float = option(0.0, "decoupled weight decay (never on 1-D norms/biases)",
+                               type=float)
+
+  def validate(self, model_config: Any) -> None:
+    for field in ("b1", "b2"):
+      value = getattr(self, field)
+      if not 0 <= value < 1:
+        raise ValueError(f"`{field}` must lie in [0, 1), got {value}")
+    if not (math.isfinite(self.eps) and self.eps > 0):
+      raise ValueError(f"`eps` must be finite and > 0, got {self.eps}")
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"`weight_decay` must be finite and >= 0, got {self.weight_decay}")
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    del projected
+    return optax.adamw(learning_rate, b1=self.b1, b2=self.b2, eps=self.eps,
+                       weight_decay=self.weight_decay, mask=decayed)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankConfig(AdamWConfig):
+  """Options shared by the GaLore-style optimizers: rank, refresh gap, scale."""
+
+  rank: int = option(64, "projection rank (at most the model width)", type=int)
+  update_proj_gap: int = option(100, "steps between projector refreshes (SVD of the gradient)",
+                                type=int)
+  scale: float = option(0.25, "GaLore scale alpha applied to the projected-back update",
+                        type=float)
+
+  def validate(self, model_config: Any) -> None:
+    super().validate(model_config)
+    width = getattr(model_config, "hidden_size", None)
+    if width is not None and self.rank > width:
+      raise ValueError(f"`rank` {self.rank} exceeds the model width (hidden_size {width})")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class GaLoreConfig(LowRankConfig):
+  """``ng.galore``: Adam in GaLore's subspace on the projected kernels, Adam elsewhere."""
+
+  name: ClassVar[str] = "galore"
+  description: ClassVar[str] = "ng.galore: GaLore-Adam on the attention/MLP kernels"
+
+  proj_type: Optional[str] = option(
+      None, "which side holds the projector (std: the smaller side, galore-torch's)", type=str,
+      choices=ng.PROJ_TYPES)
+  refresh_policy: Optional[str] = option(
+      None, "what happens to Adam's moments (and the history) when the projector is refreshed",
+      type=str, choices=ng.REFRESH_POLICIES)
+  svd_method: Optional[str] = option(None, "how projectors are computed", type=str,
+                                     choices=ng.SVD_METHODS)
+
+  alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.galore)
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    return type(self).alias(learning_rate, mask=projected, weight_decay_mask=decayed,
+                            **self.library_options())
+
+  def library_options(self) -> dict[str, Any]:
+    """The options as the library's keyword arguments."""
+    return self.given_options()
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class NaturalGaLoreConfig(GaLoreConfig):
+  """``ng.natural_galore``: the Woodbury natural-gradient step, then Adam, in the subspace."""
+
+  name: ClassVar[str] = "natural_galore"
+  description: ClassVar[str] = "ng.natural_galore: Natural GaLore on the attention/MLP kernels"
+
+  history_size: Optional[int] = option(None, "gradients kept for the empirical Fisher", type=int)
+  damping: Optional[float] = option(None, "Fisher damping lambda", type=float)
+  exponent: Optional[float] = option(
+      None, "power of the damped Fisher, in [-1, 0): -1 is the paper's natural gradient, -0.5 "
+      "the GGT-style square root", type=float)
+  damping_mode: Optional[str] = option(
+      None, "damping as given, or times the history's top eigenvalue", type=str,
+      choices=ng.DAMPING_MODES)
+  history_dtype: Optional[str] = option(
+      None, "dtype of the stored gradient history (default: the gradients')", type=str,
+      choices=HISTORY_DTYPES)
+
+  alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.natural_galore)
+
+  def library_options(self) -> dict[str, Any]:
+    out = self.given_options()
+    if "history_dtype" in out:
+      import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+      out["history_dtype"] = jnp.dtype(out["history_dtype"])
+    return out
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class OptaxGaLoreConfig(LowRankConfig):
+  """``optax.contrib.galore`` on the same kernels, for comparison."""
+
+  name: ClassVar[str] = "optax_galore"
+  description: ClassVar[str] = "optax.contrib.galore, for comparison"
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    def dimension_numbers(params):
+      return jax.tree.map(
+          lambda is_projected: optax.contrib.GaLoreDimensionNumbers() if is_projected else None,
+          projected(params))
+    return optax.contrib.galore(
+        learning_rate, rank=self.rank, update_proj_gap=self.update_proj_gap, scale=self.scale,
+        base_optimizer=optax.scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps),
+        weight_decay=self.weight_decay, mask=decayed,
+        weight_dimension_numbers=dimension_numbers)
+
+
+def option_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+  """Every option of every registered optimizer: name -> (field, optimizers that take it).
+
+  Raises:
+    TypeError: two optimizers declare one option name with different types or choices (one
+      flag could not serve both).
+  """
+  out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+  for name, cls in REGISTRY.items():
+    for field in dataclasses.fields(cls):
+      if field.name not in out:
+        out[field.name] = (field, [name])
+        continue
+      known, users = out[field.name]
+      if (known.metadata["type"], known.metadata["choices"]) != (
+          field.metadata["type"], field.metadata["choices"]):
+        raise TypeError(f"option {field.name!r} of {name} differs in type or choices from "
+                        f"that of {', '.join(users)}")
+      users.append(name)
+  return out
+
+
+def make(name: str, **options: Any) -> OptimizerConfig:
+  """The config of optimizer ``name`` with ``options`` (unknown ones are a ``ValueError``).
+
+  Examples:
+    >>> make("natural_galore", history_size=4).history_size
+    4
+    >>> make("adamw", rank=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: adamw takes no option rank; its options: b1, b2, eps, weight_decay
+  """
+  if name not in REGISTRY:
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(REGISTRY)}")
+  cls = REGISTRY[name]
+  fields = [f.name for f in dataclasses.fields(cls)]
+  unknown = [k for k in options if k not in fields]
+  if unknown:
+    raise ValueError(f"{name} takes no option {', '.join(unknown)}; its options: "
+                     f"{', '.join(fields)}")
+  return cls(**options)
+
+
+def flag_message(message: str) -> str:
+  """Rewrites a library error's `` `argument` `` names as command-line flags.
+
+  Examples:
+    >>> flag_message("`history_size` must be an integer >= 1, got 0.")
+    '--history-size must be an integer >= 1, got 0.'
+  """
+  return re.sub(r"`([a-z_0-9]+)`", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def learning_rate_schedule(config: Any) -> optax.Schedule:
   """Linear warm-up from 0 to ``lr``, then cosine decay to ``lr * final_lr_ratio``.
 
   Examples:
@@ -35,58 +297,22 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
       end_value=config.lr * config.final_lr_ratio)
 
 
-def decay_mask(params: Any) -> Any:
-  """True for leaves that get weight decay: everything but 1-D norms and biases."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def with_clipping(tx: optax.GradientTransformation,
+                  grad_clip: float) -> optax.GradientTransformation:
+  """``chain(clip_by_global_norm(grad_clip), tx)``; ``grad_clip`` 0 leaves ``tx`` as it is."""
+  if grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+  return tx
 
 
-def _optax_galore_dims(params: Any) -> Any:
-  mask = llama.galore_mask(params)
-  return jax.tree.map(
-      lambda projected: optax.contrib.GaLoreDimensionNumbers() if projected else None, mask)
-
-
-def build_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """The optimizer named by ``config.optimizer``, with clipping in front.
+def build_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The optimizer of a :class:`~train.config.TrainConfig`, with clipping in front.
 
   Args:
-    config: the run configuration (rank, gap, scale, history, damping, ...).
+    config: the run configuration; ``config.optimizer`` is an :class:`OptimizerConfig`.
     schedule: the learning-rate schedule.
 
   Returns:
     An ``optax.GradientTransformation``.
   """
-  import ngalore_jax as ng  # pylint: disable=import-outside-toplevel
-
-  adam = dict(b1=config.b1, b2=config.b2)
-  projection = dict(rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale,
-                    proj_type=config.proj_type, svd_method=config.svd_method)
-  if config.refresh_policy is not None:
-    projection["refresh_policy"] = config.refresh_policy
-  name = config.optimizer
-  if name == "adamw":
-    tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask, **adam)
-  elif name == "galore":
-    tx = ng.galore(schedule, **projection, **adam, weight_decay=config.weight_decay,
-                   mask=llama.galore_mask, weight_decay_mask=decay_mask)
-  elif name == "natural_galore":
-    natural = dict(exponent=config.exponent, damping_mode=config.damping_mode)
-    if config.history_dtype is not None:
-      natural["history_dtype"] = jnp.dtype(config.history_dtype)
-    if config.history_size is not None:
-      natural["history_size"] = config.history_size
-    if config.damping is not None:
-      natural["damping"] = config.damping
-    tx = ng.natural_galore(schedule, **projection, **natural, **adam,
-                           weight_decay=config.weight_decay, mask=llama.galore_mask,
-                           weight_decay_mask=decay_mask)
-  elif name == "optax_galore":
-    tx = optax.contrib.galore(
-        schedule, rank=config.rank, update_proj_gap=config.update_proj_gap, scale=config.scale, base_optimizer=optax.scale_by_adam(**adam),
-        weight_decay=config.weight_decay, mask=decay_mask,
-        weight_dimension_numbers=_optax_galore_dims)
-  else:
-    raise ValueError(f"unknown optimizer {name!r}")
-  if config.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
-  return tx
+  return with_clipping(config.optimizer.build(schedule), config.grad_clip)
