@@ -2,7 +2,8 @@
 
 The mesh always has the three axes ``data``, ``fsdp`` and ``tensor`` (size 1
 when unused), with ``Auto`` axis types: an Explicit mesh breaks the SVD of
-``optax.contrib.galore`` (see DESIGN.md). Batches are split over
+``optax.contrib.galore`` ("Input 0 to svd must be unsharded on non-batch
+dimensions"). Batches are split over
 the data axis (and fsdp under FSDP) as ``models.llama.batch_spec`` says;
 parameters follow ``models.llama.partition_specs``;
 optimizer state gets shardings of its own from ``ngalore_jax.state_shardings``.
@@ -10,8 +11,8 @@ optimizer state gets shardings of its own from ``ngalore_jax.state_shardings``.
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from typing import Any, Optional, Sequence
 
 import jax
@@ -114,8 +115,9 @@ def state_shardings(tx: Any, abstract_params: Any) -> Any:
     import ngalore_jax  # pylint: disable=import-outside-toplevel
     return ngalore_jax.state_shardings(tx, abstract_params)
   except (ImportError, AttributeError, NotImplementedError, TypeError, ValueError) as e:
-    print(f"note: ngalore_jax.state_shardings unavailable ({type(e).__name__}: {e});"
-          " using XLA-propagated optimizer-state shardings", file=sys.stderr)
+    logging.getLogger(__name__).info(
+        "ngalore_jax.state_shardings cannot describe this optimizer (%s: %s); using the "
+        "optimizer-state shardings XLA propagates", type(e).__name__, e)
   in_shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
   mesh = jax.tree.leaves(in_shardings)[0].mesh
   compiled = jax.jit(tx.init, in_shardings=(in_shardings,)).lower(abstract_params).compile()

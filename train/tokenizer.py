@@ -8,6 +8,7 @@ and its SHA-256 is checked on every load.
 A user's tokenizer is either a SentencePiece ``.model`` file or a Hugging Face ``tokenizer.json``.
 """
 
+import json
 import os
 import pathlib
 import tempfile
@@ -87,10 +88,14 @@ class HuggingFaceTokenizer:
     import tokenizers
 
     path = pathlib.Path(path)
+    # Checked here because tokenizers reports a malformed file as a bare Exception.
     try:
-      self._tok = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files.
+      spec = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+      raise ValueError(f"{path} is not a Hugging Face tokenizer.json: no \"model\" object")
+    self._tok = tokenizers.Tokenizer.from_str(json.dumps(spec))
     self.name = name or path.name
     self.fingerprint = fetch.sha256_file(path)
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
