@@ -12,6 +12,9 @@ from ngalore_jax import _sharding
 from ngalore_jax import _tree
 
 DAMPING_MODES = ("absolute", "relative")
+SOLVERS = ("auto", "cholesky", "eigh")
+# The int8 history stores round(g / max|g| * 127): symmetric, so -g is stored as exactly -q.
+_INT8_LEVELS = 127.0
 
 
 class WoodburyState(NamedTuple):
@@ -22,10 +25,15 @@ class WoodburyState(NamedTuple):
       ``count % history_size`` of the ring buffer.
     history: Per leaf, the last ``history_size`` gradients stacked on a new leading axis,
       shape ``(history_size, *leaf.shape)``. Slots not yet written hold zeros, which leave the
-      Fisher estimate unchanged.
+      Fisher estimate unchanged. With ``history_dtype=jnp.int8`` a slot holds the quantised
+      gradient ``round(127 * g / max|g|)``.
+    scales: ``None``, unless the history is int8: then per leaf a float32 vector of shape
+      ``(history_size,)`` with each slot's dequantisation scale ``max|g| / 127`` (zero for an
+      empty slot): slot ``i`` stands for ``history[i] * scales[i]``.
   """
   count: chex.Array
   history: optax.Updates
+  scales: Optional[optax.Updates] = None
 
 
 def woodbury_precondition(
@@ -53,7 +61,9 @@ def woodbury_precondition(
   e_t`, an :math:`s \times s` problem and one :math:`k \times s` product. Unlike eq. 12 as
   printed, :math:`(g - H z)/\lambda`, this form does not cancel catastrophically when
   :math:`\lambda \ll \|g\|^2`. The history is rescaled by its largest entry first, so the
-  Gram matrix can neither overflow nor underflow.
+  Gram matrix can neither overflow nor underflow, and the damping of the rescaled problem and
+  the powers are formed as logarithms, so that any finite gradient scale (1e-30 to 1e30) gives a
+  finite answer.
 
   The default solver diagonalises the :math:`s \times s` Gram matrix :math:`H^\top H`.
   Directions whose eigenvalue is below float32 resolution (``s * eps * max``) are null
@@ -65,7 +75,20 @@ def woodbury_precondition(
   histories and loses accuracy (never finiteness) on rank-deficient ones.
 
   ``p = -1/2`` gives the GGT-style full-matrix square-root preconditioner from the same history.
-  The solve always runs in float32; the update has the gradient's dtype.
+  The solve always runs in float32; the update has the gradient's dtype. The current gradient
+  enters it at full precision; only the stored copies (the older gradients, in later steps) are
+  rounded to ``history_dtype``.
+
+  **int8 history.** ``history_dtype=jnp.int8`` quantises each gradient when it is pushed, with one
+  absmax scale per stored gradient (per leaf and slot, not blockwise): :math:`q = \mathrm{round}(127
+  g / \max|g|)`, stored as int8, and the float32 scale :math:`\max|g| / 127`. Each entry comes
+  back to within :math:`\max|g| / 254` (half a quantisation step); the solve sees the
+  dequantised history in float32. Memory: ``s`` bytes per coefficient plus 4 bytes per slot, a
+  quarter of a float32 history. Since the current gradient is used at full precision, the
+  quantisation only perturbs the curvature estimate, never the gradient being preconditioned.
+
+  A zero-size leaf is passed through (its update is the same empty array) and its history is
+  empty too.
 
   Args:
     history_size: Number ``s`` of recent gradients kept per leaf (>= 1). Memory: ``s`` times the
@@ -77,8 +100,10 @@ def woodbury_precondition(
     damping_mode: ``"absolute"`` (the paper) or ``"relative"`` (scale-invariant).
     solver: ``"eigh"`` (default; ``"auto"`` is the same) or ``"cholesky"`` (the paper's solve,
       ``exponent=-1`` only).
-    history_dtype: dtype of the stored history (e.g. ``jnp.bfloat16`` halves its memory).
-      ``None`` keeps each gradient's dtype.
+    history_dtype: dtype of the stored history: a floating dtype (``jnp.bfloat16`` halves its
+      memory), or ``jnp.int8`` for the quantised history above (a quarter of float32). ``None``
+      keeps each gradient's dtype. Other integer dtypes are rejected (rounding a gradient to an
+      integer would zero it).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -101,13 +126,18 @@ def woodbury_precondition(
     <https://arxiv.org/abs/2410.16029>`_, 2024.
   """
   _checks.check_positive_int("history_size", history_size)
+  _checks.check_finite("damping", damping)
   _checks.check_positive("damping", damping)
+  _checks.check_finite("exponent", exponent)
   _checks.check_range("exponent", exponent, -1.0, 0.0, high_open=True)
   _checks.check_choice("damping_mode", damping_mode, DAMPING_MODES)
-  _checks.check_choice("solver", solver, ("auto", "cholesky", "eigh"))
+  _checks.check_choice("solver", solver, SOLVERS)
   if solver == "cholesky" and exponent != -1.0:
     raise ValueError(f"`solver`='cholesky' needs `exponent`=-1, got exponent={exponent}; "
                      "use solver='eigh' or 'auto'.")
+  quantised = history_dtype is not None and _is_int8(history_dtype)
+  if history_dtype is not None and not quantised:
+    _checks.check_float_dtype("history_dtype", history_dtype)
   use_cholesky = solver == "cholesky"
 
   def init_fn(params):
@@ -116,22 +146,42 @@ def woodbury_precondition(
       sharding = _sharding.explicit_sharding(p)
       axes = None if sharding is None else [()] + _sharding.spec_axes(sharding.spec, p.ndim)
       return _sharding.zeros((history_size,) + p.shape, dtype, like=p, axes_per_dim=axes)
-    return WoodburyState(count=jnp.zeros([], jnp.int32),
-                         history=jax.tree.map(init_leaf, params))
+
+    history = jax.tree.map(init_leaf, params)
+    scales = None
+    if quantised:
+      scales = jax.tree.map(lambda _: jnp.zeros((history_size,), jnp.float32), params)
+    return WoodburyState(count=jnp.zeros([], jnp.int32), history=history, scales=scales)
 
   def update_fn(updates, state, params=None):
     del params
     position = state.count % history_size
 
-    def precondition_leaf(g, history):
-      history = history.at[position].set(g.astype(history.dtype))
-      direction = natural_direction(history, position, damping, exponent=exponent,
+    def precondition_leaf(g, history, scales):
+      if g.size == 0:
+        return g, history, scales
+      g32 = g.astype(jnp.float32)
+      if quantised:
+        q, scale = _quantize(g32)
+        history = history.at[position].set(q)
+        scales = scales.at[position].set(scale)
+        stored = _dequantize(history, scales)
+      else:
+        history = history.at[position].set(g.astype(history.dtype))
+        stored = history.astype(jnp.float32)
+      # The current gradient at full precision; older ones as stored.
+      stored = stored.at[position].set(g32)
+      direction = natural_direction(stored, position, damping, exponent=exponent,
                                     damping_mode=damping_mode, use_cholesky=use_cholesky)
-      return direction.astype(g.dtype), history
+      return direction.astype(g.dtype), history, scales
 
-    new_updates, new_history = _tree.map_unzip(precondition_leaf, updates, state.history)
+    scales_tree = (jax.tree.map(lambda _: None, updates) if state.scales is None
+                   else state.scales)
+    new_updates, new_history, new_scales = _tree.map_unzip(
+        precondition_leaf, updates, state.history, scales_tree, num_outputs=3)
     count = optax.safe_int32_increment(state.count)
-    return new_updates, WoodburyState(count=count, history=new_history)
+    return new_updates, WoodburyState(count=count, history=new_history,
+                                      scales=new_scales if quantised else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -163,27 +213,76 @@ def natural_direction(history: jax.Array, position, damping, *, exponent: float 
   dims = "abcdefghklmnopqr"[:leaf_ndim]
   gram = _sharding.einsum(f"i{dims},j{dims}->ij", h, h, out_axes=[(), ()])
   eps = jnp.finfo(jnp.float32).eps
+  # The damping of the rescaled problem, lam / scale**2, and the powers below are formed as
+  # logarithms: lam / scale**2 overflows float32 for gradients around 1e-20 (lam = 1e-3), and
+  # the answer (about g / lam there) is still an ordinary number.
+  log_scale = jnp.log(scale)
   if damping_mode == "relative":
-    lam = damping * jnp.linalg.eigvalsh(gram)[-1]
+    log_lam = jnp.log(damping) + jnp.log(jnp.linalg.eigvalsh(gram)[-1])  # -inf: zero history
   else:
-    # damping / scale**2 in two steps: scale**2 alone may underflow for tiny gradients.
-    lam = (damping / scale) / scale
+    log_lam = jnp.log(damping) - 2.0 * log_scale
   unit = jax.nn.one_hot(position, s, dtype=jnp.float32)
   if use_cholesky:
     # The paper's solve. Floor the damping so the factorisation always exists in float32.
-    lam = jnp.maximum(lam, s * eps * jnp.trace(gram))
-    lam = jnp.where(lam > 0, lam, 1.0)  # all-zero history: any positive value gives zero out.
-    factor = jax.scipy.linalg.cho_factor(gram + lam * jnp.eye(s, dtype=jnp.float32), lower=True)
-    weights = jax.scipy.linalg.cho_solve(factor, unit)
-    out_scale = 1.0 / scale  # scale ** (1 + 2 * exponent) with exponent = -1
+    log_lam = jnp.maximum(log_lam, jnp.log(s * eps * jnp.trace(gram)))
+    # All-zero history: any positive value gives zero out.
+    log_lam = jnp.where(jnp.isfinite(log_lam), log_lam, 0.0)
+    # Solve with (gram + lam I) / max(lam, 1): both terms stay in float32 range.
+    log_norm = jnp.maximum(log_lam, 0.0)
+    matrix = (gram * jnp.exp(-log_norm)
+              + jnp.exp(log_lam - log_norm) * jnp.eye(s, dtype=jnp.float32))
+    factor = jax.scipy.linalg.cho_factor(matrix, lower=True)
+    # scale ** (1 + 2 * exponent) with exponent = -1, and the normalisation of the matrix.
+    weights = jax.scipy.linalg.cho_solve(factor, unit) * jnp.exp(-log_scale - log_norm)
   else:
     eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
     # Directions of H^T H below float32 resolution are null directions of H: H v = 0 there, so
     # they contribute nothing. Keeping them would multiply rounding noise by 1 / damping.
     resolved = eigenvalues > s * eps * jnp.max(eigenvalues)
-    powered = jnp.where(resolved, (jnp.maximum(lam, 0.0) + jnp.where(resolved, eigenvalues, 1.0))
-                        ** exponent, 0.0)
+    log_eigenvalues = jnp.log(jnp.where(resolved, eigenvalues, 1.0))
+    # scale ** (1 + 2p) (lam / scale**2 + e) ** p: the power of the unscaled problem.
+    log_powered = ((1.0 + 2.0 * exponent) * log_scale
+                   + exponent * jnp.logaddexp(log_lam, log_eigenvalues))
+    powered = jnp.where(resolved, jnp.exp(log_powered), 0.0)
     weights = eigenvectors @ (powered * (eigenvectors.T @ unit))
-    out_scale = scale ** (1.0 + 2.0 * exponent)
-  direction = _sharding.einsum(f"i,i{dims}->{dims}", weights, h, out_axes=leaf_axes)
-  return direction * out_scale
+  return _sharding.einsum(f"i,i{dims}->{dims}", weights, h, out_axes=leaf_axes)
+
+
+def rotate_state(state: WoodburyState, plan: Any, rotation: Any) -> WoodburyState:
+  """Moves a history into a new projection basis (``galore_projection``'s ``"rotate"``).
+
+  Each stored gradient is a coefficient vector, so it rotates linearly with ``plan.rotate``.
+  An int8 history is dequantised, rotated in float32 and quantised again, slot by slot (a fresh
+  absmax scale per slot).
+  """
+  if state.scales is None:
+    return state._replace(history=jax.tree.map(lambda h: plan.rotate(h, rotation),
+                                               state.history))
+
+  def rotate_quantised(q, scales):
+    if q.size == 0:
+      return q, scales
+    return jax.vmap(_quantize)(plan.rotate(_dequantize(q, scales), rotation))
+
+  history, scales = _tree.map_unzip(rotate_quantised, state.history, state.scales)
+  return state._replace(history=history, scales=scales)
+
+
+def _is_int8(dtype: Any) -> bool:
+  try:
+    return jnp.dtype(dtype) == jnp.int8
+  except TypeError:
+    return False
+
+
+def _quantize(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One gradient (float32) to int8 with a per-vector absmax scale: returns ``(q, scale)``."""
+  absmax = jnp.max(jnp.abs(g))
+  safe = jnp.where(absmax > 0, absmax, 1.0)
+  q = jnp.clip(jnp.round(g / safe * _INT8_LEVELS), -_INT8_LEVELS, _INT8_LEVELS)
+  return q.astype(jnp.int8), absmax / _INT8_LEVELS
+
+
+def _dequantize(q: jax.Array, scales: jax.Array) -> jax.Array:
+  """A stacked int8 history ``(s, ...)`` and its scales ``(s,)`` back to float32."""
+  return q.astype(jnp.float32) * scales.reshape(scales.shape + (1,) * (q.ndim - 1))
