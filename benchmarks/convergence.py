@@ -8,11 +8,20 @@ the peak lr, global-norm clipping 1.0, no weight decay; the held-out loss is the
 first ``--eval-sequences`` sequences of the validation split (four whole plays never trained on),
 every ``--eval-every`` steps. The seed sets both the initialisation and the data order.
 
-Variants (``--optimizers``): ``adamw``, ``optax_galore`` (``optax.contrib.galore``), ``galore``
-(``ng.galore``), ``natural_galore_paper`` (exponent -1, damping 1e-3 absolute, history 10: the
-paper) and ``natural_galore_sqrt`` (exponent -1/2, damping 1e-3 relative to the history's top
-eigenvalue, history 10: DESIGN.md's lead). All GaLore variants: rank ``--rank``, gap
-``--update-proj-gap``, scale 0.25, ``proj_type="std"``, exact SVD, refresh policy ``keep``.
+Variants (``--optimizers``, see :data:`VARIANTS`): ``adamw``; ``optax_galore``
+(``optax.contrib.galore``); GaLore-Adam on either side (``galore`` = ``proj_type="std"``,
+``galore_reverse``) and two-sided (``galore_full``); Natural GaLore in the paper's setting
+(``natural_galore_paper``: exponent -1, damping 1e-3 absolute, history 10, float32, std side),
+with the exponent -1/2 and relative damping (``natural_galore_sqrt``), in the authors' code's
+setting (``natural_galore_official``: ``ng.OFFICIAL_CODE_SETTINGS``), with an int8 or bf16
+history, with the Kronecker-factored curvature instead of the history
+(``natural_galore_kronecker``), and at the library's defaults (``natural_galore_defaults``). All
+GaLore variants: rank ``--rank``, gap ``--update-proj-gap``, scale 0.25, exact SVD, refresh
+policy ``keep`` unless the variant says otherwise.
+
+Settings (``--setting``): ``small`` (the first study: d 128, 2 layers, 2k BPE vocabulary,
+300 steps; ``convergence.json``) and ``d256`` (d 256, 4 layers, 8k BPE vocabulary, 1,000 steps;
+``convergence_d256.json``). Each flag of :class:`Setting` overrides the preset's value.
 
 Phases, each writing every finished run to the results JSON at once (re-running skips runs
 already there, so the work can be split into background chunks):
@@ -24,6 +33,7 @@ already there, so the work can be split into background chunks):
 * ``--report``: only print the tables and draw the plot from the JSON.
 
 Run:  python -m benchmarks.convergence --phase sweep
+      python -m benchmarks.convergence --setting d256 --phase sweep --optimizers adamw --lrs 1e-3,3e-3
       python -m benchmarks.convergence --phase seeds --seeds 3
       python -m benchmarks.convergence --ablation refresh --seeds 2
       python -m benchmarks.convergence --ablation rank,gap,history,damping,exponent --seeds 1
@@ -54,29 +64,37 @@ import numpy as np
 
 from benchmarks import _common
 
-#: name -> (optimizer for :func:`benchmarks._common.build_optimizer`, its options).
+#: name -> (registered optimizer of :mod:`train.optimizers`, its options). The base runs keep
+#: Adam's moments on a refresh (galore-torch's behaviour), pinned because the library's default
+#: is "rotate" (the refresh ablation of the ``small`` setting).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "optax_galore": ("optax_galore", {}),
-    # The base runs keep Adam's moments on a refresh (galore-torch's behaviour), pinned here
-    # because the library's default became "rotate" as a result of the refresh ablation.
-    "galore": ("galore", dict(refresh_policy="keep")),
+    "galore": ("galore", dict(refresh_policy="keep", proj_type="std")),
+    "galore_reverse": ("galore", dict(refresh_policy="keep", proj_type="reverse_std")),
+    "galore_full": ("galore", dict(refresh_policy="keep", proj_type="full")),
     "natural_galore_paper": ("natural_galore", dict(exponent=-1.0, damping=1e-3,
                                                     damping_mode="absolute", history_size=10,
-                                                    refresh_policy="keep")),
+                                                    refresh_policy="keep", proj_type="std")),
     "natural_galore_sqrt": ("natural_galore", dict(exponent=-0.5, damping=1e-3,
                                                    damping_mode="relative", history_size=10,
-                                                   refresh_policy="keep")),
+                                                   refresh_policy="keep", proj_type="std")),
+    "natural_galore_paper_bf16": ("natural_galore", dict(
+        exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=10,
+        refresh_policy="keep", proj_type="std", history_dtype="bfloat16")),
+    "natural_galore_paper_int8": ("natural_galore", dict(
+        exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=10,
+        refresh_policy="keep", proj_type="std", history_dtype="int8")),
+    "natural_galore_official": ("natural_galore", dict(settings="official_code")),
+    "natural_galore_kronecker": ("natural_galore", dict(preconditioner="kronecker",
+                                                        refresh_policy="keep",
+                                                        proj_type="reverse_std")),
+    "natural_galore_defaults": ("natural_galore", {}),
 }
 
-#: Peak learning rates tried per variant in the sweep.
-LR_GRIDS = {
-    "adamw": (1e-3, 3e-3, 1e-2),
-    "optax_galore": (3e-3, 1e-2, 3e-2),
-    "galore": (3e-3, 1e-2, 3e-2),
-    "natural_galore_paper": (3e-3, 1e-2, 3e-2),
-    "natural_galore_sqrt": (3e-3, 1e-2, 3e-2),
-}
+#: Peak learning rates tried per variant in the sweep (``--lrs`` replaces them).
+LR_GRIDS = {name: ((1e-3, 3e-3, 1e-2) if name == "adamw" else (3e-3, 1e-2, 3e-2))
+            for name in VARIANTS}
 
 _NG = ("natural_galore_paper", "natural_galore_sqrt")
 _PROJECTED = ("galore",) + _NG
@@ -113,6 +131,16 @@ class Setting:
   eval_every: int = 50
   eval_sequences: int = 256
   dataset: str = "default"
+
+
+#: Named settings: ``--setting NAME`` takes its values (each flag still overrides one) and its
+#: results file.
+SETTINGS = {
+    "small": (Setting(), "convergence.json"),
+    "d256": (Setting(vocab=8192, hidden=256, layers=4, ffn=688, heads=4, steps=1000,
+                     warmup_steps=100, rank=64, update_proj_gap=200, eval_every=100),
+             "convergence_d256.json"),
+}
 
 
 def run_key(variant: str, overrides: dict[str, Any], lr: float, seed: int) -> str:
@@ -409,15 +437,21 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--lrs", default="",
                       help="comma-separated lrs replacing every variant's sweep grid")
   parser.add_argument("--report", action="store_true", help="only print tables / draw the plot")
-  parser.add_argument("--out", type=pathlib.Path,
-                      default=_common.RESULTS_DIR / "convergence.json")
+  parser.add_argument("--setting", choices=tuple(SETTINGS), default="small",
+                      help="named setting: its values (each flag below overrides one) and its "
+                           "results file")
+  parser.add_argument("--out", type=pathlib.Path, default=None,
+                      help="results JSON (default: the setting's file in benchmarks/results)")
   parser.add_argument("--cache-dir", default=None)
   parser.add_argument("--force", action="store_true", help="re-run runs already in the JSON")
   parser.add_argument("--no-plot", action="store_true")
   for field in dataclasses.fields(Setting):
     flag = "--" + field.name.replace("_", "-")
-    parser.add_argument(flag, type=type(field.default), default=field.default)
+    parser.add_argument(flag, type=type(field.default), default=None,
+                        help=f"(small: {field.default})")
   args = parser.parse_args(argv)
+  preset, filename = SETTINGS[args.setting]
+  args.out = args.out or _common.RESULTS_DIR / filename
 
   variants = [v for v in args.optimizers.split(",") if v]
   unknown = [v for v in variants if v not in VARIANTS]
@@ -426,7 +460,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   if unknown:
     parser.error(f"unknown optimizer/ablation {unknown}")
   if not args.report:
-    setting = Setting(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Setting)})
+    setting = dataclasses.replace(preset, **{
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Setting)
+        if getattr(args, f.name) is not None})
     _common.enable_compilation_cache(args.cache_dir)
     runner = Runner(setting, args.out, cache_dir=args.cache_dir)
     print(f"{runner.model_config}\n{runner.train_data.describe()}\n{runner.eval_data.describe()}",
