@@ -81,33 +81,23 @@ def taken_options(name: str, **candidates: Any) -> dict[str, Any]:
   return {k: v for k, v in candidates.items() if k in fields}
 
 
-def cross_entropy(graphdef: Any, params: Any, batch: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy of ``batch`` ``[B, T + 1]`` (the trainer's loss)."""
-  from train import steps  # pylint: disable=import-outside-toplevel
-  return steps.cross_entropy(graphdef, params, batch)
+def make_lr_step(graphdef: Any, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule) -> Callable:
+  """The trainer's train step, jitted, with the peak learning rate as a run-time argument.
 
-
-def make_lr_step(graphdef: Any, tx: optax.GradientTransformation) -> Callable:
-  """A jitted ``(params, opt_state, batch, lr) -> (params, opt_state, loss)``.
-
-  ``tx`` must be built with a schedule that peaks at 1 (:func:`warmup_cosine`): every optimizer
-  here ends in ``scale_by_learning_rate``, so multiplying its update by ``lr`` is exactly the
-  optimizer built with peak ``lr``, and a change of ``lr`` (or of the initial parameters) does
-  not recompile.
+  ``(state, batch, lr) -> (state, metrics)`` over :class:`train.steps.TrainState`. ``tx`` must be
+  built on ``schedule``, which peaks at 1 (:func:`warmup_cosine`): every optimizer here ends in
+  ``scale_by_learning_rate``, so multiplying its update by ``lr`` is exactly the optimizer built
+  with peak ``lr``, and a change of ``lr`` (or of the initial parameters) does not recompile.
   """
-
-  def step(params, opt_state, batch, lr):
-    loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(graphdef, params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
+  from train import steps  # pylint: disable=import-outside-toplevel
+  return jax.jit(steps.make_train_step(graphdef, tx, schedule), donate_argnums=0)
 
 
 def make_eval_loss(graphdef: Any) -> Callable:
   """A jitted ``(params, batch) -> loss``."""
-  return jax.jit(lambda params, batch: cross_entropy(graphdef, params, batch))
+  from train import steps  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda params, batch: steps.cross_entropy(graphdef, params, batch))
 
 
 def train_bpe_tokenizer(vocab_size: int, *, dataset: str = "default",
@@ -241,8 +231,3 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
-
-
-def num_params(params: Any) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(params)))
-

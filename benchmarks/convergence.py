@@ -206,13 +206,14 @@ class Runner:
                                          update_proj_gap=self.setting.update_proj_gap),
                  **options, **overrides}
       tx = _common.build_optimizer(name, self.schedule, **options)
-      self._steps[key] = (tx, _common.make_lr_step(self.graphdef, tx))
+      self._steps[key] = (tx, _common.make_lr_step(self.graphdef, tx, self.schedule))
     return self._steps[key]
 
   def run(self, variant: str, overrides: dict[str, Any], lr: float, seed: int, *,
           tag: str, force: bool = False) -> dict[str, Any]:
     """Trains one run (unless already in the JSON) and records it; returns its record."""
     from models import llama  # pylint: disable=import-outside-toplevel
+    from train import steps as train_steps  # pylint: disable=import-outside-toplevel
 
     key = run_key(variant, overrides, lr, seed)
     done = self.runs().get(key)
@@ -222,20 +223,21 @@ class Runner:
     tx, step = self._step_fn(variant, overrides)
     start = time.perf_counter()
     _, params = llama.init_params(self.model_config, seed)
-    opt_state = tx.init(params)
+    state = train_steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                                   jax.random.PRNGKey(seed))
     lr_arr = jnp.asarray(lr, jnp.float32)
     eval_steps, eval_losses, train_losses, window = [0], [self.evaluate(params)], [], []
     diverged = False
     for i in range(s.steps):
       batch = jnp.asarray(self.train_data.batch(i, s.batch_size, seed))
-      params, opt_state, loss = step(params, opt_state, batch, lr_arr)
-      window.append(loss)
+      state, metrics = step(state, batch, lr_arr)
+      window.append(metrics["train_loss"])
       if (i + 1) % s.eval_every == 0 or i + 1 == s.steps:
         mean_train = float(np.mean(jax.device_get(window)))
         window = []
         train_losses.append(mean_train)
         eval_steps.append(i + 1)
-        eval_losses.append(self.evaluate(params))
+        eval_losses.append(self.evaluate(state.params))
         if not math.isfinite(eval_losses[-1]):
           diverged = True
           break

@@ -78,15 +78,12 @@ def per_device_bytes(tx, abstract_params, mesh):
 def compiled_step_memory(tx, graphdef, abstract_params, batch, seq):
   """XLA's memory analysis of the compiled train step (nothing is allocated)."""
 
-  def train_step(params, state, tokens):
-    loss, grads = jax.value_and_grad(steps.cross_entropy, argnums=1)(graphdef, params, tokens)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  abstract_state = jax.eval_shape(
+      lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0)),
+      abstract_params)
   tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      abstract_params, abstract_state, tokens).compile()
+  train_step = steps.make_train_step(graphdef, tx, optax.constant_schedule(1e-3))
+  compiled = jax.jit(train_step, donate_argnums=0).lower(abstract_state, tokens).compile()
   analysis = compiled.memory_analysis()
   return {
       "argument_bytes": analysis.argument_size_in_bytes,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,18 @@ def cross_entropy(graphdef: Any, params: Any, batch: jax.Array) -> jax.Array:
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule):
-  """A pure train step ``(state, batch) -> (state, metrics)`` to be jitted."""
+  """A pure train step ``(state, batch[, lr_scale]) -> (state, metrics)`` to be jitted.
 
-  def train_step(state: TrainState, batch: jax.Array):
+  ``lr_scale`` (a traced scalar) multiplies the updates: with ``tx`` built on a schedule that
+  peaks at 1 it is the peak learning rate, so one compilation serves a learning-rate sweep (every
+  optimizer here ends in ``scale_by_learning_rate``). The trainer leaves it out.
+  """
+
+  def train_step(state: TrainState, batch: jax.Array, lr_scale: Optional[jax.Array] = None):
     loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(graphdef, state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if lr_scale is not None:
+      updates = jax.tree.map(lambda u: (lr_scale * u).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     rng, _ = jax.random.split(state.rng)
     metrics = {
