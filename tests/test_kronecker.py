@@ -329,3 +329,40 @@ def test_sides_constant_and_damping_modes():
   assert ng.KRONECKER_SIDES == ("auto", "rows", "cols")
   for mode in ng.DAMPING_MODES:
     ng.kronecker_precondition(damping_mode=mode)
+
+
+@pytest.mark.parametrize("inner", ["kronecker", "int8_history"])
+def test_state_survives_nnx_optimizer(inner):
+  nnx = pytest.importorskip("flax.nnx")
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.linear = nnx.Linear(12, 6, rngs=rngs)
+
+    def __call__(self, x):
+      return self.linear(x)
+
+  preconditioner = (ng.kronecker_precondition(root_every=2) if inner == "kronecker" else
+                    ng.woodbury_precondition(history_size=3, history_dtype=jnp.int8))
+  model = Model(nnx.Rngs(0))
+  tx = ng.galore_projection(optax.chain(preconditioner, optax.scale_by_adam()), rank=2,
+                            update_proj_gap=1)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((4, 12))
+  for _ in range(3):
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model))
+  state_type = ng.KroneckerState if inner == "kronecker" else ng.WoodburyState
+  found = [s for s in jax.tree.leaves(optimizer.opt_state,
+                                      is_leaf=lambda s: isinstance(s, state_type))
+           if isinstance(s, state_type)]
+  assert found
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  counts = ng.optimizer_state_bytes(optimizer.opt_state)
+  # kernel 12 x 6 (std: right, coefficients 12 x 2): a 2 x 2 factor, root and two scales; the
+  # 1-D bias has none. Or 3 int8 slots of 12 x 2 and of the bias (6,), 3 float32 scales each.
+  if inner == "kronecker":
+    assert counts["curvature"] == 2 * 4 * (2 * 2 + 1)
+  else:
+    assert counts["history"] == 3 * (12 * 2 + 6) + 2 * 3 * 4
