@@ -262,9 +262,50 @@ def test_text_glob_errors(tmp_path, tok, cache_dir):
   (tmp_path / "one.txt").write_text("A single short document.")
   with pytest.raises(ValueError, match="fewer than seq_len"):
     data.load_dataset(f"text:{tmp_path}/one.txt", seq_len=512, tokenizer=tok, cache_dir=cache_dir)
-  with pytest.raises(ValueError, match="validation split .* has no documents"):
-    data.load_dataset(f"text:{tmp_path}/one.txt", split="validation", seq_len=2, tokenizer=tok,
+  (tmp_path / "tiny.txt").write_text("A")
+  with pytest.raises(ValueError, match="validation split .* has no documents: the text is too short"):
+    data.load_dataset(f"text:{tmp_path}/tiny.txt", split="validation", seq_len=2, tokenizer=tok,
                       cache_dir=cache_dir)
+
+
+def _big_text(lines: int) -> str:
+  """Generated prose: numbered sentences, a blank line between paragraphs of five."""
+  rng = np.random.default_rng(0)
+  words = "the a cat dog king river moon boat apple book town sees likes finds carries".split()
+  out = []
+  for i in range(lines):
+    out.append(f"{i}: " + " ".join(rng.choice(words, size=12)) + ".\n")
+    if i % 5 == 4:
+      out.append("\n")
+  return "".join(out)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_single_text_file_is_split_inside_it(suffix, tmp_path, tok, cache_dir):
+  """One big file (or one-line .jsonl): its last 5%, from a line start, is the validation split."""
+  text = _big_text(20_000)  # about 1.3 MB
+  path = tmp_path / f"input{suffix}"
+  path.write_text(text if suffix == ".txt" else json.dumps({"text": text}) + "\n")
+  local = corpus.open_corpus(f"text:{path}")
+  (head,), (tail,) = (list(local.documents(split)) for split in corpus.SPLITS)
+  assert head.text + tail.text == text
+  assert head.text.endswith("\n") and tail.text.startswith(f"{text[len(head.text):].split(':')[0]}:")
+  assert 0.049 < len(tail.text) / len(text) < 0.051
+  assert corpus.open_corpus(f"text:{path}").fingerprint == local.fingerprint  # deterministic
+  for split, doc in zip(corpus.SPLITS, (head, tail)):
+    ds = data.load_dataset(f"text:{path}", split=split, seq_len=SEQ_LEN, tokenizer=tok,
+                           cache_dir=cache_dir)
+    np.testing.assert_array_equal(ds.tokens, _expected_stream([doc], tok))
+    assert ds.num_sequences >= 100
+
+
+def test_split_tail_rule():
+  doc = corpus.Document("f.txt", "".join(f"line {i}\n" for i in range(100)))  # 790 characters
+  parts = corpus.split_tail(doc)
+  assert [d.name for d in parts["train"] + parts["validation"]] == ["f.txt[:750]", "f.txt[750:]"]
+  assert parts["validation"][0].text == "".join(f"line {i}\n" for i in range(95, 100))
+  one_line = corpus.split_tail(corpus.Document("g.txt", "x" * 100))  # no line start: cut at 95%
+  assert [len(d.text) for d in one_line["train"] + one_line["validation"]] == [95, 5]
 
 
 def test_bad_spec_and_split(tok, cache_dir):

