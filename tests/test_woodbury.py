@@ -374,3 +374,10 @@ def test_absolute_damping_at_extreme_gradient_scales(solver, gradient_scale):
   for got, want in zip(outs, dense_reference_high_precision(grads, 4, 1e-3, digits=100)):
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6 * np.max(np.abs(want)))
+
+
+def test_int8_history_dtype_by_name():
+  state = ng.woodbury_precondition(history_size=2, history_dtype="int8").init(
+      {"w": jnp.zeros((3, 2), jnp.bfloat16)})
+  assert state.history["w"].dtype == jnp.int8 and state.scales["w"].dtype == jnp.float32
+  assert ng.woodbury_precondition(history_size=2).init({"w": jnp.zeros((3,))}).scales is None
