@@ -238,6 +238,8 @@ class Runner:
         train_losses.append(mean_train)
         eval_steps.append(i + 1)
         eval_losses.append(self.evaluate(state.params))
+        print(f"    {key} step {i + 1}: held-out {eval_losses[-1]:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
         if not math.isfinite(eval_losses[-1]):
           diverged = True
           break

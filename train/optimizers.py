@@ -36,7 +36,7 @@ from models import llama
 #: name -> config class, filled by :func:`register`.
 REGISTRY: dict[str, type["OptimizerConfig"]] = {}
 
-HISTORY_DTYPES = ("float32", "bfloat16")
+HISTORY_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def option(default: Any, help: str, *, type: Callable[[str], Any],  # pylint: disable=redefined-builtin
