@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+from flax import nnx
 from jax.sharding import PartitionSpec
 
 GALORE_MODULES = frozenset({"q", "k", "v", "o", "gate", "up", "down"})
@@ -72,6 +73,11 @@ def _names(path: tuple[Any, ...]) -> tuple[Any, ...]:
   return tuple(_key_name(k) for k in path)
 
 
+def _is_variable(x: Any) -> bool:
+  # Stop at nnx variables: their value sits one key deeper (GetAttrKey "value").
+  return isinstance(x, nnx.Variable)
+
+
 def is_galore_path(path: tuple[Any, ...]) -> bool:
   """True for the ``kernel`` of an attention (q/k/v/o) or MLP (gate/up/down) projection."""
   names = _names(path)
@@ -87,10 +93,12 @@ def galore_mask(params: Any) -> Any:
 
   Args:
     params: the nested-dict parameters of :func:`models.llama.split_params`
-      (arrays or ``jax.ShapeDtypeStruct``).
+      (arrays or ``jax.ShapeDtypeStruct``), or an ``nnx.State`` of the model's
+      ``nnx.Param`` variables (what ``nnx.Optimizer`` passes to ``tx.init``).
 
   Returns:
-    The same tree structure with ``bool`` leaves.
+    The same tree structure with ``bool`` leaves (one per ``nnx.Variable``, in
+    place of the variable, for an ``nnx.State``).
 
   Examples:
     >>> from models import llama
@@ -99,8 +107,13 @@ def galore_mask(params: Any) -> Any:
     >>> mask = llama.galore_mask(params)
     >>> mask["blocks"][0]["attn"]["q"]["kernel"], mask["lm_head"]["kernel"]
     (True, False)
+    >>> from flax import nnx
+    >>> model = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    >>> llama.galore_mask(nnx.state(model, nnx.Param))["blocks"][0]["attn"]["q"]["kernel"]
+    True
   """
-  return jax.tree_util.tree_map_with_path(lambda path, _: is_galore_path(path), params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_galore_path(path), params,
+                                          is_leaf=_is_variable)
 
 
 def galore_labels(params: Any, *, galore: str = "galore", other: str = "adamw") -> Any:
@@ -115,7 +128,7 @@ def galore_labels(params: Any, *, galore: str = "galore", other: str = "adamw") 
     The same tree structure with ``str`` leaves.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: galore if is_galore_path(path) else other, params)
+      lambda path, _: galore if is_galore_path(path) else other, params, is_leaf=_is_variable)
 
 
 def _leaf_logical_axes(path: tuple[Any, ...], leaf: Any) -> tuple[str, ...]:

@@ -6,10 +6,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from ngalore_jax._apollo import ApolloState
+from ngalore_jax._kronecker import KroneckerState
 from ngalore_jax._projection import GaLoreProjectionState
 from ngalore_jax._woodbury import WoodburyState
 
-CATEGORIES = ("projectors", "inner_state", "history", "other")
+CATEGORIES = ("projectors", "inner_state", "history", "curvature", "other")
 
 
 def tree_bytes(tree: Any) -> int:
@@ -30,16 +32,22 @@ def optimizer_state_bytes(state: Any) -> dict[str, int]:
 
   Categories:
 
-  - ``projectors``: GaLore's orthonormal bases (:class:`GaLoreProjectionState.projectors`).
+  - ``projectors``: GaLore's orthonormal bases (:class:`GaLoreProjectionState.projectors`,
+    and APOLLO's SVD bases).
   - ``inner_state``: the state of the transformation inside a projection (e.g. Adam's moments on
-    the low-rank coefficients), minus gradient histories.
-  - ``history``: Natural GaLore's gradient histories (:class:`WoodburyState.history`), wherever
-    they are.
+    the low-rank coefficients; with Fira, its limiter's scalar per matrix too), minus gradient
+    histories; APOLLO's moments of the projected gradients.
+  - ``history``: Natural GaLore's gradient histories (:class:`WoodburyState.history`, and the
+    per-slot scales of an int8 history), wherever they are.
+  - ``curvature``: Kronecker factors, their scales and cached roots
+    (:class:`KroneckerState`), wherever they are.
   - ``other``: everything else (full-rank Adam moments of unprojected leaves, counters, ...).
 
   Args:
     state: An optimizer state, concrete or abstract (``jax.eval_shape(tx.init, params)``, so
-      that a 7B model can be accounted for without allocating it).
+      that a 7B model can be accounted for without allocating it): a plain optax state, a
+      Linen ``TrainState``'s ``opt_state``, or an ``nnx.Optimizer``'s ``opt_state`` (its
+      ``nnx.Variable`` entries count as the arrays they hold).
 
   Returns:
     A dict with one entry per category and ``"total"``.
@@ -55,7 +63,7 @@ def optimizer_state_bytes(state: Any) -> dict[str, int]:
   totals = dict.fromkeys(CATEGORIES, 0)
 
   def is_special(x):
-    return isinstance(x, (GaLoreProjectionState, WoodburyState))
+    return isinstance(x, (GaLoreProjectionState, WoodburyState, KroneckerState, ApolloState))
 
   def walk(node, category):
     for leaf in jax.tree.leaves(node, is_leaf=is_special):
@@ -63,9 +71,18 @@ def optimizer_state_bytes(state: Any) -> dict[str, int]:
         walk(leaf.count, category)
         walk(leaf.projectors, "projectors")
         walk(leaf.inner_states, "inner_state")
+      elif isinstance(leaf, ApolloState):
+        walk((leaf.count, leaf.scaled_norm), category)
+        walk(leaf.projectors, "projectors")
+        walk((leaf.mu, leaf.nu), "inner_state")
       elif isinstance(leaf, WoodburyState):
         walk(leaf.count, category)
         walk(leaf.history, "history")
+        walk(leaf.scales, "history")  # an int8 history's per-slot scales
+      elif isinstance(leaf, KroneckerState):
+        walk(leaf.count, category)
+        walk((leaf.rows, leaf.cols, leaf.scale, leaf.inverse_root, leaf.root_scale),
+             "curvature")
       elif hasattr(leaf, "shape"):
         totals[category] += math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import optax
 
 from ngalore_jax import _checks
+from ngalore_jax import _kronecker
 from ngalore_jax import _plans
 from ngalore_jax import _tree
+from ngalore_jax import _woodbury
 from ngalore_jax._woodbury import WoodburyState
 
 REFRESH_POLICIES = ("keep", "reset", "rotate")
@@ -83,6 +85,7 @@ def galore_projection(
     dimension_numbers: DimensionNumbers = None,
     projector_dtype: Optional[Any] = None,
     seed: int = 0,
+    combine: Optional[Callable[..., Any]] = None,
 ) -> optax.GradientTransformation:
   r"""Runs ``inner`` on low-rank projections of the gradients (GaLore).
 
@@ -125,15 +128,15 @@ def galore_projection(
       ``optax.chain(ng.woodbury_precondition(), optax.scale_by_adam())``.
     rank: Rank ``r`` of the projection (>= 1).
     update_proj_gap: Steps between projector refreshes ``T`` (>= 1).
-    scale: GaLore's ``alpha``, multiplying the projected-back update.
+    scale: GaLore's ``alpha``, multiplying the projected-back update (finite, > 0).
     proj_type: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"``.
     refresh_policy: What happens to ``inner``'s state when a leaf's projector is refreshed:
       ``"rotate"`` it into the new basis with ``R = P_new^T P_old`` (default; first moments and
       gradient histories linearly, Adam's second moment with ``R * R``, the diagonal of
       ``R diag(v) R^T``), ``"keep"`` it as it is (galore-torch and the Natural GaLore code do
       this; use it to reproduce them), or ``"reset"`` it to ``inner.init``. ``"rotate"`` knows the states of
-      optax's Adam, AMSGrad, AdaBelief, Lion, RMSProp, RSS, momentum (``trace``) and
-      :class:`WoodburyState`; any other array state
+      optax's Adam, AMSGrad, AdaBelief, Lion, RMSProp, RSS, momentum (``trace``),
+      :class:`WoodburyState` and :class:`KroneckerState`; any other array state
       raises a ``ValueError`` (choose ``"keep"`` or ``"reset"`` for those inners). The default
       was measured: see ``benchmarks/README.md``.
     svd_method: ``"exact"`` (thin SVD) or ``"randomized"`` (range finder with subspace
@@ -146,8 +149,15 @@ def galore_projection(
     dimension_numbers: ``None`` (default rules above), a :class:`MatrixAxes` applied to every leaf
       with ndim >= 2, or a pytree (or a callable of the params returning one) with a
       :class:`MatrixAxes`, ``"tucker"`` or ``None`` per leaf.
-    projector_dtype: dtype to store projectors in; ``None`` uses the gradient's dtype.
+    projector_dtype: Floating-point dtype to store projectors in; ``None`` uses the gradient's
+      dtype.
     seed: Seed of the random test matrices of ``"randomized"``.
+    combine: Replaces the projection back, for optimizers that also use the gradient outside
+      the subspace (:func:`ngalore_jax.fira`). Called for each projected leaf as
+      ``combine(grad, coefficients, low_rank_update, inner_state, plan, factors)`` (``plan``:
+      the leaf's geometry, ``factors``: its current projectors), it returns the leaf's update
+      and ``inner_state``; ``scale`` is not applied to it. ``None``: ``scale`` times the
+      projected-back ``low_rank_update``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -174,6 +184,8 @@ def galore_projection(
   """
   _checks.check_positive_int("rank", rank)
   _checks.check_positive_int("update_proj_gap", update_proj_gap)
+  # A negative scale would silently turn descent into ascent.
+  _checks.check_positive("scale", scale)
   _checks.check_choice("proj_type", proj_type, _plans.PROJ_TYPES)
   _checks.check_choice("refresh_policy", refresh_policy, REFRESH_POLICIES)
   _checks.check_choice("svd_method", svd_method, SVD_METHODS)
@@ -182,56 +194,63 @@ def galore_projection(
   if (isinstance(power_iterations, bool) or not isinstance(power_iterations, int)
       or power_iterations < 0):
     raise ValueError(f"`power_iterations` must be an integer >= 0, got {power_iterations!r}.")
+  if projector_dtype is not None:
+    _checks.check_float_dtype("projector_dtype", projector_dtype)
 
-  def leaf_specs(tree):
+  def leaf_specs(tree, treedef, leaves):
     """The dimension-number entry of each leaf, as a list in flattening order."""
-    leaves, treedef = jax.tree.flatten(tree)
     if dimension_numbers is None:
       return [_plans.MatrixAxes() if x.ndim == 2 else _plans.TUCKER if x.ndim > 2 else None
               for x in leaves]
     if _is_matrix_axes(dimension_numbers):
       return [dimension_numbers if x.ndim >= 2 else None for x in leaves]
     dims = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
-    return treedef.flatten_up_to(dims)
+    return [_spec_entry(d) for d in treedef.flatten_up_to(dims)]
 
-  def plans_for(tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    plans = [_plans.make_plan(tuple(x.shape), spec, rank=rank, proj_type=proj_type)
-             for x, spec in zip(leaves, leaf_specs(tree))]
-    return jax.tree.unflatten(treedef, plans)
+  def plans_for(tree, treedef, leaves):
+    return [_plans.make_plan(tuple(x.shape), spec, rank=rank, proj_type=proj_type)
+            for x, spec in zip(leaves, leaf_specs(tree, treedef, leaves))]
 
   def refresh_offsets(plans):
     """Per leaf, the shift of its refresh schedule (0 unless staggered)."""
-    leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
-    projected = [i for i, p in enumerate(leaves) if p.num_factors]
-    offsets = [0] * len(leaves)
+    projected = [i for i, p in enumerate(plans) if p.num_factors]
+    offsets = [0] * len(plans)
     if stagger_refresh:
       for j, i in enumerate(projected):
         offsets[i] = (j * update_proj_gap) // max(len(projected), 1)
-    return jax.tree.unflatten(treedef, offsets)
+    return offsets
 
+  # Leaves are taken up to array wrappers such as flax.nnx.Variable (see _tree.flatten_arrays):
+  # each leaf's state container replaces the wrapper instead of becoming its value.
   def init_fn(params):
-    plans = plans_for(params)
-
-    def init_leaf(p, plan):
+    wrappers, treedef = _tree.flatten_arrays(params)
+    leaves = [_tree.unwrap(w) for w in wrappers]
+    projectors, inner_states = [], []
+    for p, plan in zip(leaves, plans_for(params, treedef, leaves)):
       if not plan.num_factors:
-        return (), inner.init(p)
-      factor_dtype = projector_dtype or p.dtype
-      factors = plan.init_factors(p, factor_dtype)
-      return factors, inner.init(plan.init_coefficients(p, p.dtype))
-
-    projectors, inner_states = _tree.map_unzip(init_leaf, params, plans)
-    return GaLoreProjectionState(count=jnp.zeros([], jnp.int32), projectors=projectors,
-                                 inner_states=inner_states)
+        projectors.append(())
+        inner_states.append(inner.init(p))
+        continue
+      projectors.append(plan.init_factors(p, projector_dtype or p.dtype))
+      inner_states.append(inner.init(plan.init_coefficients(p, p.dtype)))
+    return GaLoreProjectionState(count=jnp.zeros([], jnp.int32),
+                                 projectors=treedef.unflatten(projectors),
+                                 inner_states=treedef.unflatten(inner_states))
 
   def update_fn(updates, state, params=None):
-    plans = plans_for(updates)
+    wrappers, treedef = _tree.flatten_arrays(updates)
+    grads = [_tree.unwrap(w) for w in wrappers]
+    plans = plans_for(updates, treedef, grads)
     offsets = refresh_offsets(plans)
+    all_factors = [_checked_factors(f, plan, i) for i, (f, plan) in
+                   enumerate(zip(treedef.flatten_up_to(state.projectors), plans))]
+    all_inner_states = treedef.flatten_up_to(state.inner_states)
+    if params is None:
+      all_params = [None] * len(grads)
+    else:
+      all_params = [_tree.unwrap(p) for p in treedef.flatten_up_to(params)]
     count = state.count
     base_key = jax.random.key(seed)
-    leaf_params = (jax.tree.map(lambda _: None, updates) if params is None else params)
-    index_tree = jax.tree.unflatten(jax.tree.structure(updates),
-                                    list(range(len(jax.tree.leaves(updates)))))
 
     def update_leaf(g, factors, inner_state, plan, offset, index, p):
       if not plan.num_factors:
@@ -245,21 +264,25 @@ def galore_projection(
       def refreshed_factors():
         return _plans.align_signs(plan.compute_factors(g, dtype, **svd_kwargs), factors)
 
-      new_factors = jax.lax.cond(refresh, refreshed_factors, lambda: tuple(factors))
+      new_factors = jax.lax.cond(refresh, refreshed_factors, lambda: factors)
       inner_state = _apply_refresh_policy(refresh_policy, inner, plan, refresh, factors,
                                           new_factors, inner_state, g.dtype)
       coefficients = plan.project(g, new_factors)
       low_rank_update, new_inner = inner.update(
           coefficients, inner_state, _ParamsUnavailable(coefficients.shape))
-      full = plan.project_back(low_rank_update, new_factors, g) * scale
+      if combine is None:
+        full = plan.project_back(low_rank_update, new_factors, g) * scale
+      else:
+        full, new_inner = combine(g, coefficients, low_rank_update, new_inner, plan, new_factors)
       return full.astype(g.dtype), new_factors, new_inner
 
-    new_updates, projectors, inner_states = _tree.map_unzip(
-        update_leaf, updates, state.projectors, state.inner_states, plans, offsets,
-        index_tree, leaf_params, num_outputs=3)
-    return new_updates, GaLoreProjectionState(
-        count=optax.safe_int32_increment(count), projectors=projectors,
-        inner_states=inner_states)
+    outputs = [update_leaf(*args) for args in zip(
+        grads, all_factors, all_inner_states, plans, offsets, range(len(grads)), all_params)]
+    new_updates = [_tree.rewrap(w, u) for w, (u, _, _) in zip(wrappers, outputs)]
+    return treedef.unflatten(new_updates), GaLoreProjectionState(
+        count=optax.safe_int32_increment(count),
+        projectors=treedef.unflatten([f for _, f, _ in outputs]),
+        inner_states=treedef.unflatten([s for _, _, s in outputs]))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -268,13 +291,35 @@ def _is_matrix_axes(x) -> bool:
   return hasattr(x, "reduction_axis") and hasattr(x, "output_axis")
 
 
-def _is_plan(x) -> bool:
-  return isinstance(x, (_plans.Unprojected, _plans.MatrixPlan, _plans.TuckerPlan))
+def _spec_entry(entry):
+  """One leaf's dimension number, taken out of a wrapper (``jax.tree.map`` over an nnx State
+  puts the callable's ``MatrixAxes``/``"tucker"``/``None`` inside each ``nnx.Variable``)."""
+  if entry is None or isinstance(entry, str) or _is_matrix_axes(entry):
+    return entry
+  found = jax.tree.leaves(entry, is_leaf=lambda x: isinstance(x, str) or _is_matrix_axes(x))
+  if not found:
+    return None
+  if len(found) == 1 and (isinstance(found[0], str) or _is_matrix_axes(found[0])):
+    return found[0]
+  raise ValueError("`dimension_numbers`: expected a MatrixAxes, 'tucker' or None per leaf, "
+                   f"got {entry!r}.")
+
+
+def _checked_factors(factors, plan, index):
+  """A leaf's projector factors as stored; a clear error if a conversion changed the tuple."""
+  if isinstance(factors, tuple) and len(factors) == plan.num_factors:
+    return factors
+  raise ValueError(
+      f"galore_projection: the state holds {type(factors).__name__} {factors!r:.80} as the "
+      f"projector factors of leaf {index}, expected a tuple of {plan.num_factors} arrays. The "
+      "optimizer state went through a conversion that changed its containers; pass "
+      "tx.update the state exactly as tx.init (or the previous update) returned it.")
 
 
 # How each known inner state moves to a new basis: first moments (and gradient histories) are
 # linear in the coefficients; elementwise second moments transform by R * R (the diagonal of
-# R diag(v) R^T), which keeps them non-negative.
+# R diag(v) R^T), which keeps them non-negative. A rule is either {field: kind} or a function
+# rule(state, plan, rotation) -> state, for states that need more than plan.rotate per field.
 _ROTATION_RULES = {
     optax.ScaleByAdamState: {"mu": "linear", "nu": "quadratic"},
     optax.ScaleByAmsgradState: {"mu": "linear", "nu": "quadratic", "nu_max": "quadratic"},
@@ -284,7 +329,8 @@ _ROTATION_RULES = {
     optax.ScaleByRmsState: {"nu": "quadratic"},
     optax.ScaleByRssState: {"sum_of_squares": "quadratic"},
     optax.TraceState: {"trace": "linear"},
-    WoodburyState: {"history": "linear"},
+    WoodburyState: _woodbury.rotate_state,  # linear; an int8 history is requantised
+    _kronecker.KroneckerState: _kronecker.rotate_state,  # L -> R L R^T on the rank side
 }
 
 
@@ -301,6 +347,8 @@ def _apply_refresh_policy(policy, inner, plan, refresh, old_factors, new_factors
 
   def rotate_node(node):
     rules = _ROTATION_RULES.get(type(node))
+    if callable(rules):
+      return rules(node, plan, rotation)
     if rules is not None:
       return node._replace(**{
           field: plan.rotate(getattr(node, field), rotation, squared=kind == "quadratic")

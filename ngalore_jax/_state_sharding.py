@@ -7,6 +7,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import optax
 
+from ngalore_jax import _tree
+
 
 def state_shardings(tx: optax.GradientTransformation, abstract_params: Any) -> Any:
   """Returns a ``NamedSharding`` for every leaf of ``tx.init(params)``.
@@ -22,10 +24,15 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: Any) -> A
   Args:
     tx: The optimizer.
     abstract_params: The parameters as arrays or ``jax.ShapeDtypeStruct``, each with a
-      ``NamedSharding`` (all on the same mesh).
+      ``NamedSharding`` (all on the same mesh). Each may be wrapped in a ``flax.nnx.Variable``,
+      as in the ``nnx.State`` of ``nnx.state(nnx.eval_shape(make_model), nnx.Param)``;
+      variables are unwrapped first.
 
   Returns:
-    A pytree of ``NamedSharding`` on the parameters' mesh, shaped like the optimizer state.
+    A pytree of ``NamedSharding`` on the parameters' mesh, shaped like
+    ``tx.init`` of the unwrapped parameters: the optimizer state of a plain optax loop or of
+    a Linen ``TrainState`` (``state.opt_state``), and ``nnx.as_pure(optimizer.opt_state)``
+    for an ``nnx.Optimizer``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -39,6 +46,7 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: Any) -> A
     >>> galore_state.inner_states["w"].mu.spec  # coefficients 8 x r, split like the rows
     P('fsdp', None)
   """
+  abstract_params = jax.tree.map(_tree.unwrap, abstract_params, is_leaf=_tree.is_array_wrapper)
   leaves = jax.tree.leaves(abstract_params)
   meshes = {leaf.sharding.mesh for leaf in leaves if isinstance(leaf.sharding, NamedSharding)}
   if len(meshes) != 1:
