@@ -3,6 +3,7 @@
 from typing import Any, Callable, Optional, Union
 
 import jax
+import numpy as np
 import optax
 
 from ngalore_jax import _projection
@@ -13,28 +14,60 @@ MaskOrFn = Union[None, Any, Callable[[Any], Any]]
 DEFAULT_HISTORY_SIZE = 10
 DEFAULT_DAMPING = 1e-3
 
+# The keyword arguments of `galore_projection` that the aliases pass on unchanged. Each alias
+# still spells them out in its signature (optax.inject_hyperparams reads signatures), and
+# forwards them all through `_projected`: a new projection option is a name here and a
+# parameter in each signature.
+PROJECTION_OPTIONS = ("rank", "update_proj_gap", "scale", "proj_type", "refresh_policy",
+                      "svd_method", "oversampling", "power_iterations", "stagger_refresh",
+                      "dimension_numbers", "projector_dtype", "seed")
+
+
+def _projected(inner: optax.GradientTransformation,
+               arguments: dict[str, Any]) -> optax.GradientTransformation:
+  """``galore_projection(inner, ...)`` with the :data:`PROJECTION_OPTIONS` of ``arguments``."""
+  return _projection.galore_projection(
+      inner, **{name: arguments[name] for name in PROJECTION_OPTIONS})
+
+
+def _float32_value(value: Any) -> Any:
+  """A Python float rounded to the nearest float32 value (anything else unchanged).
+
+  optax's Adam computes ``1 - b`` in Python (float64) when a decay rate ``b`` is a Python float,
+  but in float32 when ``optax.inject_hyperparams`` hands it over as an array. For ``b2 = 0.999``
+  the two differ by 1.3e-5 relative (float32's rounding of 0.999, times ``1 / (1 - b2)``), and so
+  did the updates. Rounded first, both paths compute the same numbers.
+  """
+  if isinstance(value, float):
+    return float(np.float32(value))
+  return value
+
+
+def _adam(arguments: dict[str, Any]) -> optax.GradientTransformation:
+  """``scale_by_adam`` with the alias's ``b1``, ``b2``, ``eps`` and ``mu_dtype``."""
+  return optax.scale_by_adam(b1=_float32_value(arguments["b1"]),
+                             b2=_float32_value(arguments["b2"]), eps=arguments["eps"],
+                             mu_dtype=arguments["mu_dtype"])
+
 
 def _default_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _assemble(projection, *, learning_rate, mask, b1, b2, eps, mu_dtype, weight_decay,
-              weight_decay_mask):
+def _assemble(projection: optax.GradientTransformation,
+              arguments: dict[str, Any]) -> optax.GradientTransformation:
   """``chain(partition(projected -> projection, rest -> Adam), decay, lr)``."""
-  mask = _default_mask if mask is None else mask
+  mask = _default_mask if arguments["mask"] is None else arguments["mask"]
 
   def labels(params):
     resolved = mask(params) if callable(mask) else mask
     return jax.tree.map(lambda projected: "galore" if projected else "adam", resolved)
 
-  core = optax.partition(
-      {"galore": projection,
-       "adam": optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)},
-      labels)
+  core = optax.partition({"galore": projection, "adam": _adam(arguments)}, labels)
   return optax.chain(
       core,
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.add_decayed_weights(arguments["weight_decay"], arguments["weight_decay_mask"]),
+      optax.scale_by_learning_rate(arguments["learning_rate"]),
   )
 
 
@@ -112,15 +145,8 @@ def galore(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
     <https://arxiv.org/abs/2403.03507>`_, 2024.
   """
-  projection = _projection.galore_projection(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype), rank=rank,
-      update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, refresh_policy=refresh_policy, svd_method=svd_method,
-      oversampling=oversampling, power_iterations=power_iterations,
-      stagger_refresh=stagger_refresh, dimension_numbers=dimension_numbers,
-      projector_dtype=projector_dtype, seed=seed)
-  return _assemble(projection, learning_rate=learning_rate, mask=mask, b1=b1, b2=b2, eps=eps,
-                   mu_dtype=mu_dtype, weight_decay=weight_decay,
-                   weight_decay_mask=weight_decay_mask)
+  arguments = dict(locals())
+  return _assemble(_projected(_adam(arguments), arguments), arguments)
 
 
 def natural_galore(
@@ -205,17 +231,11 @@ def natural_galore(
     Das, `Natural GaLore: Accelerating GaLore for memory-efficient LLM training and fine-tuning
     <https://arxiv.org/abs/2410.16029>`_, 2024.
   """
+  arguments = dict(locals())
   inner = optax.chain(
       _woodbury.woodbury_precondition(history_size=history_size, damping=damping,
                                       exponent=exponent, damping_mode=damping_mode,
                                       history_dtype=history_dtype),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+      _adam(arguments),
   )
-  projection = _projection.galore_projection(
-      inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, refresh_policy=refresh_policy, svd_method=svd_method,
-      oversampling=oversampling, power_iterations=power_iterations,
-      stagger_refresh=stagger_refresh, dimension_numbers=dimension_numbers,
-      projector_dtype=projector_dtype, seed=seed)
-  return _assemble(projection, learning_rate=learning_rate, mask=mask, b1=b1, b2=b2, eps=eps,
-                   mu_dtype=mu_dtype, weight_decay=weight_decay,
-                   weight_decay_mask=weight_decay_mask)
+  return _assemble(_projected(inner, arguments), arguments)
