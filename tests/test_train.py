@@ -180,6 +180,25 @@ def test_metrics_writer_drops_lines_after_the_resume_step(tmp_path):
   assert _losses(tmp_path) == {0: 0.0, 1: 1.0, 2: 2.0, 3: 30.0}
 
 
+def test_metrics_are_strict_json_and_a_torn_line_is_dropped(tmp_path, caplog):
+  writer = metrics_lib.MetricsWriter(str(tmp_path))
+  writer.write(0, {"train_loss": 10.0})
+  writer.write(1, {"train_loss": np.float32("nan"), "grad_norm": float("inf")})
+  writer.close()
+  path = tmp_path / "metrics.jsonl"
+  assert path.read_text().splitlines()[1] == '{"step": 1, "train_loss": null, "grad_norm": null}'
+  with open(path, "a", encoding="utf-8") as f:
+    f.write('{"step": 2, "train_lo')  # a process killed while writing
+  assert [r["step"] for r in metrics_lib.read_metrics(path)] == [0, 1]
+  assert "metrics.jsonl:3 is not a JSON object (a line torn by a crash?)" in caplog.text
+
+  writer = metrics_lib.MetricsWriter(str(tmp_path), resume_step=1)  # resuming drops it for good
+  writer.write(2, {"train_loss": 9.0})
+  writer.close()
+  lines = path.read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
+
+
 def test_checkpointer_round_trips_empty_leaves(tmp_path):
 
   state = {"w": jnp.arange(6.0).reshape(2, 3), "empty": jnp.zeros((0, 4)), "count": jnp.int32(7)}

@@ -4,11 +4,17 @@
 ``train_loss``, ``lr``, ``tokens_per_sec``, ...); evaluation lines add
 ``eval_loss`` and ``eval_perplexity``. TensorBoard event files go to
 ``WORKDIR/tensorboard``.
+
+The file is strict JSON lines: a value that is not finite (a diverged loss) is
+written as ``null``, never as a bare ``NaN`` or ``Infinity``. A line that does
+not parse (the torn last line of a process killed mid-write) is dropped with a
+warning by :func:`read_metrics`, and from the file itself when a run resumes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping, Optional
@@ -94,12 +100,16 @@ class MetricsWriter:
     self._tb = SummaryWriter(self.tensorboard_dir, purge_step=resume_step + 1)
 
   def _truncate_after(self, step: int) -> None:
+    """Drops the lines after ``step`` and any line that does not parse (rewriting the file)."""
     if not os.path.exists(self.path):
       return
     with open(self.path, encoding="utf-8") as f:
-      lines = [line for line in f if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(keep) != len(lines):
+      lines = f.readlines()
+    keep = []
+    for line, record in _parse_lines(self.path, lines):
+      if record is not None and record.get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
       with open(self.path, "w", encoding="utf-8") as f:
         f.writelines(keep)
 
@@ -109,7 +119,7 @@ class MetricsWriter:
       return
     record = {"step": int(step)}
     record.update({k: _plain(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(record) + "\n")
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
@@ -122,13 +132,38 @@ class MetricsWriter:
 
 
 def _plain(value: Any) -> Any:
-  """Python scalars for JSON (numpy/jax scalars converted)."""
+  """Python scalars for strict JSON (numpy/jax scalars converted, NaN and infinities as None)."""
   if hasattr(value, "item"):
     value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
   return value
 
 
+def _parse_lines(path: str, lines: list[str]) -> list[tuple[str, Optional[dict[str, Any]]]]:
+  """Pairs each non-blank line with its object, or ``None`` (with a warning) if it is not one."""
+  out = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if not isinstance(record, dict):
+      logging.getLogger(__name__).warning(
+          "%s:%d is not a JSON object (a line torn by a crash?); dropping it: %.60r",
+          path, number, line.rstrip("\n"))
+      record = None
+    out.append((line, record))
+  return out
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """Reads a ``metrics.jsonl`` file into a list of dicts."""
+  """Reads a ``metrics.jsonl`` file into a list of dicts.
+
+  Lines that do not parse as JSON objects are skipped with a warning.
+  """
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  return [record for _, record in _parse_lines(str(path), lines) if record is not None]
