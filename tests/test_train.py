@@ -114,7 +114,7 @@ def test_ctrl_c_saves_and_a_rerun_resumes_exactly(runs, corpus, tmp_path, monkey
 
   monkeypatch.setattr(data_lib.PackedDataset, "batch", batch_with_ctrl_c)
   assert pretrain.main(_args(workdir, corpus, "--optimizer", "natural_galore")) == 130
-  assert "Interrupted at step 4/8" in capsys.readouterr().out
+  assert "Interrupted (Ctrl-C) at step 4/8; checkpoint 4 saved" in capsys.readouterr().out
   assert checkpointing.Checkpointer(workdir / "checkpoints").all_steps() == [4]
   assert max(_losses(workdir)) == 4
   monkeypatch.undo()

@@ -1,14 +1,24 @@
 """Command-line entry point: ``python -m train.pretrain --help``.
 
 Parses flags into a :class:`~train.config.TrainConfig`, runs
-:func:`train.loop.train_and_evaluate` and prints a summary. Bad flags end with
-one ``error:`` line (exit status 2), Ctrl-C saves a checkpoint and exits with
-status 130; rerunning with the same ``--workdir`` resumes.
+:func:`train.loop.train_and_evaluate` and prints a summary. Exit statuses:
+
+* 0: finished (or stopped at ``--stop-at``), last step saved;
+* 1: the run diverged (non-finite or exploding loss or gradient norm; the bad
+  state is not saved) or a checkpoint could not be saved or restored; one
+  ``error:`` line says which, and which checkpoint is the newest good one;
+* 2: a bad flag or a ``--workdir`` that cannot be used: one ``error:`` line;
+* 130 / 143: Ctrl-C (SIGINT) / SIGTERM: the step in flight was finished and
+  saved; a second signal aborts without waiting for that save.
+
+Rerunning the same command with the same ``--workdir`` resumes at the step after
+the newest intact checkpoint, reproducing the losses of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # On a shared CPU, OpenBLAS's threads spin-wait inside LAPACK: one 512 x 1376 SVD took 4-14 s
@@ -29,7 +39,12 @@ def format_summary(summary: dict[str, Any]) -> str:
   """The end-of-run report: progress, held-out perplexity, where outputs went."""
   done, total = summary["steps_done"], summary["steps"]
   if summary["interrupted"]:
-    head = f"Interrupted at step {done}/{total}; rerun the same command to resume."
+    name = "Ctrl-C" if summary.get("signal") == signal.SIGINT else (
+        signal.Signals(summary["signal"]).name if summary.get("signal") else "signal")
+    saved = summary["last_checkpoint"]
+    head = (f"Interrupted ({name}) at step {done}/{total}; "
+            + (f"checkpoint {saved} saved; " if saved is not None else "nothing to save; ")
+            + "rerun the same command to resume.")
   elif summary["stopped_early"]:
     head = f"Stopped at step {done}/{total} (--stop-at); rerun without it to resume."
   else:
@@ -44,9 +59,12 @@ def format_summary(summary: dict[str, Any]) -> str:
       + (f", {speed:,.0f} tokens/s" if speed else ""),
   ]
   start = summary["initial_eval_perplexity"]
-  lines.append(f"  held-out perplexity: {summary['eval_perplexity']:,.2f}"
-               + (f" (at step 0: {start:,.2f})" if start is not None else "")
-               + f"; eval loss {summary['eval_loss']:.4f}")
+  if summary.get("eval_loss") is not None:
+    at = summary.get("eval_step")
+    lines.append(f"  held-out perplexity: {summary['eval_perplexity']:,.2f}"
+                 + (f" at step {at}" if at is not None and at != done else "")
+                 + (f" (at step 0: {start:,.2f})" if start is not None and at != 0 else "")
+                 + f"; eval loss {summary['eval_loss']:.4f}")
   if summary["train_loss"] is not None:
     lines.append(f"  train loss:  {summary['train_loss']:.4f}")
   lines += [
@@ -60,18 +78,24 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs ``python -m train.pretrain`` with ``argv``; returns the exit status."""
   config = config_lib.from_argv(argv)
-  from train import build, loop  # pylint: disable=import-outside-toplevel  (imports jax)
+  # pylint: disable-next=import-outside-toplevel  (imports jax)
+  from train import build, checkpointing, loop
   try:
     build.maybe_initialize_distributed(config)
     summary = loop.train_and_evaluate(config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print("\ninterrupted before a checkpoint could be saved", file=sys.stderr)
-    return 130
+  except (loop.TrainingError, checkpointing.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt as e:  # before training started, or loop.Aborted (a second signal)
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"\n{loop.signal_name(signum)}: aborted; rerun the same command to resume from the"
+          " newest complete checkpoint", file=sys.stderr)
+    return 128 + signum
   print(format_summary(summary), flush=True)
-  return 130 if summary["interrupted"] else 0
+  return 128 + summary["signal"] if summary["interrupted"] else 0
 
 
 if __name__ == "__main__":
