@@ -1,5 +1,8 @@
 """The pretraining command line: --help, parsing, and one clear message per bad argument."""
 
+import pathlib
+import tempfile
+
 import pytest
 
 from train import config as config_lib
@@ -60,6 +63,9 @@ def test_natural_galore_flags_reach_the_optimizer():
     (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
     (["--steps", "0"], "argument --steps: must be a positive integer"),
     (["--mesh", "pipeline=2"], "expected axis=size pairs"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
 ])
 def test_argument_errors_exit_with_usage(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
@@ -77,6 +83,15 @@ def test_argument_errors_exit_with_usage(argv, message, capsys):
     (["--mesh", "data=64"], "needs 64 devices"),
     (["--override", "depth=3"], "--override depth: not a field of the model config"),
     (["--override", "hidden_size=-1"], "--override: hidden_size must be positive"),
+    (["--override", "num_layers=2.5"], "--override num_layers=2.5: num_layers takes an integer"),
+    (["--override", "num_layers=abc"], "--override num_layers=abc: num_layers takes an integer"),
+    (["--override", "hidden_size=null"],
+     "--override hidden_size=null: hidden_size takes an integer"),
+    (["--override", "remat=maybe"], "--override remat=maybe: remat takes true or false"),
+    (["--override", "rope_theta=Infinity"],
+     "--override rope_theta=Infinity: rope_theta takes a finite number"),
+    (["--override", "num_kv_heads=2.0"],
+     "--override num_kv_heads=2.0: num_kv_heads takes an integer or null"),
     (["--warmup-steps", "500", "--steps", "100"], "--warmup-steps 500 must be below --steps"),
     (["--exponent", "0.5"], "--optimizer natural_galore: --exponent must be in [-1.0, 0.0), got 0.5"),
     (["--history-size", "0"], "--history-size must be an integer >= 1, got 0"),
@@ -90,3 +105,45 @@ def test_bad_values_print_one_error_line(argv, message, capsys, tmp_path):
   assert message in captured.err
   assert "Traceback" not in captured.err + captured.out
   assert not (tmp_path / "run").exists()
+
+
+def test_model_overrides_are_typed_by_the_model_config():
+  cfg = config_lib.from_argv(["--override", "remat=True", "--override", "rope_theta=500000",
+                              "--override", "num_kv_heads=null", "--override", "num_layers=2"])
+  model = config_lib.model_config(cfg)
+  assert model.remat is True and model.num_layers == 2 and model.num_kv_heads == model.num_heads
+  assert model.rope_theta == 500000.0 and isinstance(model.rope_theta, float)
+
+
+def _unwritable_dir(tmp_path):
+  """A directory this process cannot create anything in (root ignores modes: use sysfs)."""
+  candidates = [tmp_path / "read-only", pathlib.Path("/sys")]
+  candidates[0].mkdir()
+  candidates[0].chmod(0o555)
+  for candidate in candidates:
+    try:
+      tempfile.mkdtemp(dir=candidate)
+    except OSError:
+      return candidate
+  pytest.skip("no unwritable directory here")
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
+def test_a_workdir_that_cannot_be_used_is_one_error_before_any_data_loads(where, tmp_path, capsys):
+  (tmp_path / "file").write_text("not a directory")
+  workdir, message = {
+      "a file": (tmp_path / "file", f"--workdir {tmp_path}/file is a file; give a directory"),
+      "under a file": (tmp_path / "file" / "run",
+                       f"--workdir {tmp_path}/file/run is under the file {tmp_path}/file;"),
+      "unwritable": (None, "cannot write in"),
+  }[where]
+  if workdir is None:
+    parent = _unwritable_dir(tmp_path)
+    workdir, message = parent / "run", f"--workdir {parent}/run: cannot write in {parent} ("
+  # A dataset that does not exist: the workdir is checked before any data is looked at.
+  code = pretrain.main(["--workdir", str(workdir), "--dataset", "text:/nonexistent/*.txt"])
+  captured = capsys.readouterr()
+  assert code == 2
+  assert captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1, (
+      captured.err)
+  assert "Traceback" not in captured.err + captured.out

@@ -129,8 +129,8 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
   value = float(text)
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
   return value
 
 
@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
   g = p.add_argument_group("data")
   g.add_argument("--dataset", default=d.dataset,
                  help="default (Shakespeare; stdlib without network) | stdlib (Python's own"
-                      " source) | text:GLOB (.txt/.jsonl files) | tfds:NAME[:CONFIG]")
+                      " source) | text:GLOB (.txt files, .jsonl files with a \"text\" field;"
+                      " 5%% of the documents are held out, or the last 5%% of the text when it"
+                      " is a single one, e.g. text:input.txt) | tfds:NAME[:CONFIG]")
   g.add_argument("--tokenizer", default=d.tokenizer,
                  help="SentencePiece .model, tokenizer.json or a directory holding one"
                       " (default: Mistral v1, 32k pieces, fetched once from PyPI)")
@@ -366,6 +368,31 @@ def model_config(config: TrainConfig) -> Any:
   if unknown:
     raise ConfigError(f"--override {unknown[0]}: not a field of the model config;"
                       f" fields: {', '.join(sorted(fields))}")
+  import typing  # pylint: disable=import-outside-toplevel
+  hints = typing.get_type_hints(type(base))
+  descriptions = {bool: "true or false", int: "an integer", float: "a finite number",
+                  str: "a string"}
+
+  def typed(name: str, value: Any) -> Any:
+    """``value`` as the field's type (int, float, bool, str, optionally None; Any as is)."""
+    args = typing.get_args(hints.get(name, Any))
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)] or [hints.get(name, Any)]
+    kind = kinds[0] if len(kinds) == 1 else Any
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+      value = value.lower() == "true"
+    if value is None and optional or kind is Any:
+      return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        math.isfinite(value)):
+      return float(value)
+    if kind in (bool, int, str) and type(value) is kind:  # bool is an int: compare exactly
+      return value
+    shown = value if isinstance(value, str) else json.dumps(value)
+    raise ConfigError(f"--override {name}={shown}: {name} takes "
+                      f"{descriptions.get(kind, kind)}{' or null' if optional else ''}")
+
+  overrides = {name: typed(name, value) for name, value in overrides.items()}
   try:
     return dataclasses.replace(base, **overrides)
   except (TypeError, ValueError) as e:
