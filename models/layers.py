@@ -6,11 +6,17 @@ and only :class:`flax.nnx.Param` state. Matrices are stored as 2-D ``(in, out)``
 matrix. Parameters live in ``param_dtype``; inputs are cast to the compute
 ``dtype`` before every matmul, and the numerically delicate parts (RMSNorm
 statistics, RoPE angles, attention softmax) run in float32.
+
+Attention has two paths: ``Attention.__call__`` (training and scoring: the whole
+sequence at once, no state) and ``Attention.decode`` (generation: new tokens
+attend to a :class:`KVCache` of fixed size that is passed in and returned, so
+the model itself stays stateless).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +137,70 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return out.reshape(batch, seq, heads * head_dim)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of one attention layer, for incremental decoding.
+
+  Slot ``s`` of the cache holds the key and value of the token written at
+  slot ``s`` (keys with RoPE already applied at that token's position). The
+  cache has a fixed size; which slots are valid is the caller's bookkeeping
+  (see :func:`cached_attention`).
+
+  Attributes:
+    k: keys, ``[batch, max_len, kv_heads, head_dim]``.
+    v: values, same shape as ``k``.
+  """
+
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int,
+            dtype: jnp.dtype = jnp.float32) -> KVCache:
+    """An empty cache of ``max_len`` slots."""
+    shape = (batch, max_len, kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def cached_attention(q: jax.Array, cache: KVCache, start: jax.Array | int) -> jax.Array:
+  """Attention of new queries over a key/value cache, causal by slot.
+
+  The ``seq`` queries belong to slots ``start .. start + seq - 1``; query ``t``
+  sees cache slots ``0 .. start + t`` (the slots after it hold stale or padding
+  values and are masked out). Grouped heads, scaling and float32 softmax are
+  as in :func:`causal_attention`, whose result this equals (up to float
+  rounding) when the cache holds the same keys and values.
+
+  Args:
+    q: queries, ``[batch, seq, heads, head_dim]``, RoPE applied.
+    cache: the cache, already holding the new tokens' keys and values.
+    start: slot of the first query (an int or a traced integer scalar).
+
+  Returns:
+    ``[batch, seq, heads * head_dim]`` in the dtype of the cached values.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 5, 4, 8))
+    >>> k, v = k[:, :, :2], v[:, :, :2]  # 2 key/value heads for 4 query heads
+    >>> cache = KVCache(jnp.pad(k, ((0, 0), (0, 3), (0, 0), (0, 0))),
+    ...                 jnp.pad(v, ((0, 0), (0, 3), (0, 0), (0, 0))))
+    >>> bool(jnp.allclose(cached_attention(q[:, 2:], cache, 2),
+    ...                   causal_attention(q, k, v)[:, 2:], atol=1e-6))
+    True
+  """
+  batch, seq, heads, head_dim = q.shape
+  _, max_len, kv_heads, _ = cache.k.shape
+  q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, cache.k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(head_dim)
+  query_slots = start + jnp.arange(seq)
+  visible = jnp.arange(max_len)[None, :] <= query_slots[:, None]  # [seq, max_len]
+  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cache.v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, cache.v)
+  return out.reshape(batch, seq, heads * head_dim)
+
+
 class Linear(nnx.Module):
   """A bias-free dense layer with a 2-D ``(in, out)`` kernel.
 
@@ -241,14 +311,49 @@ class Attention(nnx.Module):
     self.head_dim = head_dim
     self.rope_theta = rope_theta
 
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries and keys (RoPE applied) and values, split into heads."""
     batch, seq, _ = x.shape
     q = self.q(x).reshape(batch, seq, self.num_heads, self.head_dim)
     k = self.k(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
     v = self.v(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
     q = apply_rope(q, positions, theta=self.rope_theta)
     k = apply_rope(k, positions, theta=self.rope_theta)
-    return self.o(causal_attention(q, k, v))
+    return q, k, v
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Causal self-attention over the whole sequence ``x`` (``[batch, seq, hidden]``)."""
+    return self.o(causal_attention(*self._qkv(x, positions)))
+
+  def decode(
+      self,
+      x: jax.Array,
+      positions: jax.Array,
+      cache: KVCache,
+      start: jax.Array | int,
+  ) -> tuple[jax.Array, KVCache]:
+    """Attention for new tokens over a cache of the earlier ones.
+
+    Writes the new keys and values into cache slots ``start .. start + seq - 1``
+    and attends to slots ``0 .. start + t`` from new token ``t``
+    (:func:`cached_attention`). RoPE uses ``positions``, not the slots, so a
+    caller that pads or packs can place tokens where it likes.
+
+    Args:
+      x: the new tokens' hidden states, ``[batch, seq, hidden]``.
+      positions: their RoPE positions, ``[batch, seq]``.
+      cache: this layer's cache; ``start + seq`` must not exceed its size
+        (``jax.lax.dynamic_update_slice`` would silently move the write).
+      start: slot of the first new token (an int or a traced integer scalar).
+
+    Returns:
+      ``(output [batch, seq, hidden], updated cache)``.
+    """
+    q, k, v = self._qkv(x, positions)
+    index = (0, start, 0, 0)
+    cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), index),
+                    jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), index))
+    return self.o(cached_attention(q, cache, start)), cache
 
 
 class MLP(nnx.Module):

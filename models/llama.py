@@ -32,6 +32,16 @@ Examples:
   >>> graphdef, params = llama.split_params(model)
   >>> llama.apply(graphdef, params, jnp.zeros((2, 5), jnp.int32)).dtype
   dtype('float32')
+
+Incremental decoding (what :func:`models.generate` does inside one jit): a
+prompt, then one token at a time, against a fixed-size key/value cache:
+
+  >>> tokens = jnp.arange(6)[None]
+  >>> cache = model.init_cache(batch=1, max_len=8)
+  >>> _, cache = model.decode(tokens[:, :5], cache, start=0)
+  >>> last, cache = model.decode(tokens[:, 5:], cache, start=5)
+  >>> bool(jnp.allclose(last[:, 0], model(tokens)[:, 5], atol=1e-5))
+  True
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import layers
+from models.layers import KVCache
 from models.partitioning import batch_spec
 from models.partitioning import galore_labels
 from models.partitioning import galore_mask
@@ -54,6 +65,7 @@ from models.partitioning import partition_specs
 __all__ = [
     "CONFIGS",
     "Block",
+    "KVCache",
     "Llama",
     "LlamaConfig",
     "abstract_params",
@@ -198,7 +210,9 @@ class LlamaConfig:
 _PAPER = dict(vocab_size=32000, tie_word_embeddings=False, rms_norm_eps=1e-6,
               max_position_embeddings=1024)
 
-#: Presets: the GaLore paper's LLaMA shapes, plus ``tiny`` for CPU tests and demos.
+#: Presets: the GaLore paper's LLaMA shapes, ``tiny`` for CPU tests and demos, and the shapes of
+#: pretrained models this project can load (``smollm2-135m``: SmolLM2-135M-Instruct, read from its
+#: GGUF file by :func:`models.load_gguf_llama`; tied embeddings, 3 key/value heads for 9 queries).
 CONFIGS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(**{**_PAPER, "max_position_embeddings": 512}, hidden_size=256,
                         intermediate_size=688, num_heads=4, num_layers=4),
@@ -212,6 +226,10 @@ CONFIGS: dict[str, LlamaConfig] = {
                       num_layers=24),
     "7b": LlamaConfig(**{**_PAPER, "max_position_embeddings": 2048}, hidden_size=4096,
                       intermediate_size=11008, num_heads=32, num_layers=32),
+    "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_layers=30, num_heads=9, num_kv_heads=3,
+                                max_position_embeddings=8192, rope_theta=100000.0,
+                                rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 
 
@@ -232,6 +250,13 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions)
     return x + self.mlp(self.mlp_norm(x))
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+             start: jax.Array | int) -> tuple[jax.Array, KVCache]:
+    """The block on new tokens, attending through a cache (:meth:`layers.Attention.decode`)."""
+    attn, cache = self.attn.decode(self.attn_norm(x), positions, cache, start)
+    x = x + attn
+    return x + self.mlp(self.mlp_norm(x)), cache
 
 
 def _call_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -292,10 +317,75 @@ class Llama(nnx.Module):
     x = self.embed(tokens)
     for block in self.blocks:
       x = call_block(block, x, positions)
-    x = self.final_norm(x)
+    return self._logits(self.final_norm(x))
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """float32 logits of normalised hidden states (tied or untied output projection)."""
     if self.lm_head is None:
       return self.embed.attend(x)
     return self.lm_head(x).astype(jnp.float32)
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> tuple[KVCache, ...]:
+    """An empty key/value cache for :meth:`decode`: one :class:`KVCache` per block.
+
+    Args:
+      batch: batch size.
+      max_len: number of slots (prompt plus generated tokens, padding included).
+      dtype: storage dtype; defaults to the compute ``config.dtype``.
+
+    Returns:
+      A tuple of ``num_layers`` caches of shape ``[batch, max_len, kv_heads, head_dim]``.
+    """
+    config = self.config
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    return tuple(KVCache.zeros(batch, max_len, config.num_kv_heads, config.head_dim, dtype)
+                 for _ in range(config.num_layers))
+
+  def decode(
+      self,
+      tokens: jax.Array,
+      cache: tuple[KVCache, ...],
+      start: jax.Array | int,
+      *,
+      positions: jax.Array | None = None,
+      logits_at: jax.Array | int | None = None,
+  ) -> tuple[jax.Array, tuple[KVCache, ...]]:
+    """Next-token logits of new tokens that attend to earlier ones through a cache.
+
+    The new tokens go to cache slots ``start .. start + seq - 1``; token ``t``
+    attends to slots ``0 .. start + t``. Prefill is ``decode(prompt, cache, 0)``,
+    then each step ``decode(token[:, None], cache, start)`` with ``start`` one
+    further. Results equal :meth:`__call__` on the whole sequence up to float
+    rounding. Slots after the last written one may hold anything (padding,
+    stale keys): they are never attended to.
+
+    Args:
+      tokens: the new token ids, ``[batch, seq]``.
+      cache: from :meth:`init_cache` or a previous :meth:`decode`;
+        ``start + seq`` must not exceed its size.
+      start: cache slot of the first new token (an int or a traced integer).
+      positions: RoPE positions of the new tokens, ``[batch, seq]``; defaults
+        to their slots, ``start .. start + seq - 1``.
+      logits_at: if given, an index into the new tokens: only that token's
+        logits are computed (e.g. the last real token of a padded prompt).
+
+    Returns:
+      ``(logits, cache)``: float32 logits ``[batch, seq, vocab]`` (or
+      ``[batch, vocab]`` with ``logits_at``) and the updated cache.
+    """
+    batch, seq = tokens.shape
+    if len(cache) != len(self.blocks):
+      raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    x = self.embed(tokens)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block.decode(x, positions, layer_cache, start)
+      new_cache.append(layer_cache)
+    if logits_at is not None:
+      x = jax.lax.dynamic_index_in_dim(x, logits_at, axis=1, keepdims=False)
+    return self._logits(self.final_norm(x)), tuple(new_cache)
 
 
 def split_params(model: Llama) -> tuple[nnx.GraphDef, dict[str, Any]]:
