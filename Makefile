@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The reference implementation for tests; --no-deps keeps bitsandbytes out.
 	$(PY) -m pip install --quiet --no-deps "galore-torch==1.0"
+	# Fira's and APOLLO's authors' optimizers, the references of tests/test_fira.py, test_apollo.py.
+	$(PY) -m pip install --quiet --no-deps "fira==1.0.2" "apollo-torch==1.0.3"
 	touch $(STAMP)
 
 train: $(STAMP)

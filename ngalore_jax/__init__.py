@@ -4,6 +4,15 @@ from ngalore_jax._accounting import optimizer_state_bytes
 from ngalore_jax._accounting import tree_bytes
 from ngalore_jax._alias import galore
 from ngalore_jax._alias import natural_galore
+from ngalore_jax._apollo import APOLLO_PROJECTIONS
+from ngalore_jax._apollo import APOLLO_SCALE_TYPES
+from ngalore_jax._apollo import ApolloState
+from ngalore_jax._apollo import apollo
+from ngalore_jax._apollo import apollo_mini
+from ngalore_jax._apollo import scale_by_apollo
+from ngalore_jax._fira import FiraState
+from ngalore_jax._fira import fira
+from ngalore_jax._fira import scale_by_fira
 from ngalore_jax._plans import PROJ_TYPES
 from ngalore_jax._plans import MatrixAxes
 from ngalore_jax._projection import REFRESH_POLICIES
@@ -17,18 +26,27 @@ from ngalore_jax._woodbury import natural_direction
 from ngalore_jax._woodbury import woodbury_precondition
 
 __all__ = (
+    "APOLLO_PROJECTIONS",
+    "APOLLO_SCALE_TYPES",
+    "ApolloState",
     "DAMPING_MODES",
+    "FiraState",
     "GaLoreProjectionState",
     "MatrixAxes",
     "PROJ_TYPES",
     "REFRESH_POLICIES",
     "SVD_METHODS",
     "WoodburyState",
+    "apollo",
+    "apollo_mini",
+    "fira",
     "galore",
     "galore_projection",
     "natural_direction",
     "natural_galore",
     "optimizer_state_bytes",
+    "scale_by_apollo",
+    "scale_by_fira",
     "state_shardings",
     "tree_bytes",
     "woodbury_precondition",
