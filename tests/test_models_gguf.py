@@ -11,7 +11,6 @@ Two independent references:
 """
 
 import json
-import pathlib
 import zipfile
 
 import jax
@@ -44,7 +43,7 @@ _HF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_l
 
 
 def _llama_cpp_permute(weight, heads):
-  """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute): rotate-half rows to pairs."""
+  """llama.cpp's converter (LlamaModel.permute): rotate-half rows to adjacent pairs."""
   return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
           .swapaxes(1, 2).reshape(weight.shape))
 
