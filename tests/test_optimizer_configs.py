@@ -61,6 +61,16 @@ def _projected(params):
                                                weight_decay_mask=decay)),
     ("adamw", dict(weight_decay=0.1),
      lambda lr, mask, decay: optax.adamw(lr, weight_decay=0.1, mask=decay)),
+    ("fira", dict(rank=2, update_proj_gap=2),
+     lambda lr, mask, decay: ng.fira(lr, rank=2, update_proj_gap=2, scale=0.25, eps=1e-6,
+                                     mask=mask, weight_decay_mask=decay)),
+    ("apollo", dict(rank=2, update_proj_gap=2, projection="svd", scale_type="tensor"),
+     lambda lr, mask, decay: ng.apollo(lr, rank=2, update_proj_gap=2, projection="svd",
+                                       scale_type="tensor", mask=mask,
+                                       weight_decay_mask=decay)),
+    ("apollo_mini", dict(update_proj_gap=2),
+     lambda lr, mask, decay: ng.apollo_mini(lr, update_proj_gap=2, mask=mask,
+                                            weight_decay_mask=decay)),
 ])
 def test_build_equals_the_library_call(name, options, reference):
   built = optimizers.make(name, **options).build(1e-2)

@@ -272,14 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--optimizer", choices=tuple(optimizers.REGISTRY), default=d.optimizer.name,
                  help="; ".join(f"{name}: {cls.description}"
                                 for name, cls in optimizers.REGISTRY.items()))
-  for name, (field, users) in optimizers.option_fields().items():
+  for name, (field, defaults) in optimizers.option_fields().items():
     meta = field.metadata
-    default = "the library's" if field.default is None else field.default
-    users_text = "all" if len(users) == len(optimizers.REGISTRY) else ", ".join(users)
+    by_default: dict[str, list[str]] = {}
+    for user, value in defaults.items():
+      by_default.setdefault("the library's" if value is None else str(value), []).append(user)
+    if len(by_default) == 1:
+      (text,) = by_default
+      users = "all" if len(defaults) == len(optimizers.REGISTRY) else ", ".join(defaults)
+      described = f"{users}; default: {text}"
+    else:
+      described = "default: " + "; ".join(f"{text} ({', '.join(users)})"
+                                          for text, users in by_default.items())
     g.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
                    type=_OPTION_TYPES[meta["type"]], choices=meta["choices"],
                    metavar=None if meta["choices"] else name.upper(),
-                   help=f"{meta['help']} ({users_text}; default: {default})")
+                   help=f"{meta['help']} ({described})")
   g.add_argument("--grad-clip", type=_non_negative_float, default=d.grad_clip,
                  help="clip the global gradient norm before the optimizer; 0 disables")
 

@@ -120,7 +120,7 @@ class AdamWConfig(OptimizerConfig):
       value = getattr(self, field)
       if not 0 <= value < 1:
         raise ValueError(f"`{field}` must lie in [0, 1), got {value}")
-    if not (math.isfinite(self.eps) and self.eps > 0):
+    if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
       raise ValueError(f"`eps` must be finite and > 0, got {self.eps}")
     if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
       raise ValueError(f"`weight_decay` must be finite and >= 0, got {self.weight_decay}")
@@ -168,12 +168,7 @@ class GaLoreConfig(LowRankConfig):
   alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.galore)
 
   def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
-    return type(self).alias(learning_rate, mask=projected, weight_decay_mask=decayed,
-                            **self.library_options())
-
-  def library_options(self) -> dict[str, Any]:
-    """The options as the library's keyword arguments."""
-    return self.given_options()
+    return _build_alias(self, learning_rate, projected, decayed)
 
 
 @register
@@ -198,13 +193,6 @@ class NaturalGaLoreConfig(GaLoreConfig):
 
   alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.natural_galore)
 
-  def library_options(self) -> dict[str, Any]:
-    out = self.given_options()
-    if "history_dtype" in out:
-      import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-      out["history_dtype"] = jnp.dtype(out["history_dtype"])
-    return out
-
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -226,25 +214,100 @@ class OptaxGaLoreConfig(LowRankConfig):
         weight_dimension_numbers=dimension_numbers)
 
 
-def option_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-  """Every option of every registered optimizer: name -> (field, optimizers that take it).
+@dataclasses.dataclass(frozen=True)
+class _LimitedConfig(LowRankConfig):
+  """Options of the optimizers with Fira's norm-growth limiter; Adam's eps is the authors'."""
+
+  eps: Optional[float] = option(None, "Adam epsilon", type=float)
+  norm_growth_limit: Optional[float] = option(
+      None, "Fira's norm-growth limiter gamma (>= 1): a step's norm may grow at most by this "
+      "factor", type=float)
+  proj_type: Optional[str] = option(
+      None, "which side holds the projector (std: the smaller side, galore-torch's)", type=str,
+      choices=ng.PROJ_TYPES)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class FiraConfig(_LimitedConfig):
+  """``ng.fira``: GaLore-Adam plus the gradient's residual outside the subspace, scaled."""
+
+  name: ClassVar[str] = "fira"
+  description: ClassVar[str] = "ng.fira: GaLore-Adam plus the scaled residual (Fira)"
+  alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.fira)
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    return _build_alias(self, learning_rate, projected, decayed)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ApolloConfig(_LimitedConfig):
+  """``ng.apollo``: channel- or tensor-wise scaling of the raw gradient from projected Adam."""
+
+  name: ClassVar[str] = "apollo"
+  description: ClassVar[str] = "ng.apollo: Adam-derived scaling factors on the raw gradient"
+  alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.apollo)
+
+  scale: Optional[float] = option(None, "multiplies the projected leaves' updates", type=float)
+  scale_type: Optional[str] = option(None, "channel- or tensor-wise scaling factors", type=str,
+                                     choices=ng.APOLLO_SCALE_TYPES)
+  projection: Optional[str] = option(None, "random (regenerated from a seed) or svd projection",
+                                     type=str, choices=ng.APOLLO_PROJECTIONS)
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    return _build_alias(self, learning_rate, projected, decayed)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ApolloMiniConfig(AdamWConfig):
+  """``ng.apollo_mini``: APOLLO at rank 1 with one tensor-wise scaling factor."""
+
+  name: ClassVar[str] = "apollo_mini"
+  description: ClassVar[str] = "ng.apollo_mini: APOLLO at rank 1, tensor-wise"
+  alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.apollo_mini)
+
+  eps: Optional[float] = option(None, "Adam epsilon", type=float)
+  update_proj_gap: int = option(100, "steps between projector refreshes (SVD of the gradient)",
+                                type=int)
+  scale: Optional[float] = option(None, "multiplies the projected leaves' updates", type=float)
+  norm_growth_limit: Optional[float] = option(
+      None, "Fira's norm-growth limiter gamma (>= 1): a step's norm may grow at most by this "
+      "factor", type=float)
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    return _build_alias(self, learning_rate, projected, decayed)
+
+
+def _build_alias(config: OptimizerConfig, learning_rate, projected, decayed):
+  """``config.alias(learning_rate, mask=..., weight_decay_mask=..., **given options)``."""
+  options = config.given_options()
+  if "history_dtype" in options:
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    options["history_dtype"] = jnp.dtype(options["history_dtype"])
+  return type(config).alias(learning_rate, mask=projected, weight_decay_mask=decayed, **options)
+
+
+def option_fields() -> dict[str, tuple[dataclasses.Field, dict[str, Any]]]:
+  """Every option of every registered optimizer: name -> (field, {optimizer: its default}).
 
   Raises:
     TypeError: two optimizers declare one option name with different types or choices (one
       flag could not serve both).
   """
-  out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+  out: dict[str, tuple[dataclasses.Field, dict[str, Any]]] = {}
   for name, cls in REGISTRY.items():
     for field in dataclasses.fields(cls):
       if field.name not in out:
-        out[field.name] = (field, [name])
+        out[field.name] = (field, {name: field.default})
         continue
       known, users = out[field.name]
       if (known.metadata["type"], known.metadata["choices"]) != (
           field.metadata["type"], field.metadata["choices"]):
         raise TypeError(f"option {field.name!r} of {name} differs in type or choices from "
                         f"that of {', '.join(users)}")
-      users.append(name)
+      users[name] = field.default
   return out
 
 
