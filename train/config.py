@@ -253,7 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--cache-dir", default=d.cache_dir,
                  help="cache for the tokenizer, corpora and token streams"
                       " (default: $NGALORE_CACHE or ~/.cache/ngalore_jax)")
+  add_common_arguments(p, d)
+  return p
 
+
+def add_common_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+  """The flags every training entry point shares: schedule, optimizer (generated from
+  :data:`train.optimizers.REGISTRY`), evaluation, logging, checkpoints and runtime.
+
+  Args:
+    p: the parser to add them to.
+    d: the configuration whose values are the defaults.
+  """
   g = p.add_argument_group("schedule")
   g.add_argument("--steps", type=_positive_int, default=d.steps, help="total training steps")
   g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -326,22 +337,27 @@ def build_parser() -> argparse.ArgumentParser:
                  help="number of processes in a multi-process run")
   g.add_argument("--process-id", type=_non_negative_int, default=d.process_id,
                  help="index of this process in a multi-process run")
-  return p
 
 
-def from_argv(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+def from_argv(argv: Optional[Sequence[str]] = None, *,
+              parser: Optional[argparse.ArgumentParser] = None,
+              config_cls: type = TrainConfig) -> Any:
   """Parses command-line arguments into a :class:`TrainConfig`.
 
   Args:
     argv: the arguments without the program name; ``None`` reads ``sys.argv``.
+    parser: the entry point's parser (default: :func:`build_parser`, pretraining's); its
+      destinations are ``config_cls``'s fields.
+    config_cls: :class:`TrainConfig` or a subclass with the entry point's own fields.
 
   Returns:
     The configuration. Argument-level errors exit through argparse.
   """
-  parser = build_parser()
+  parser = parser or build_parser()
   ns = parser.parse_args(argv)
   values = vars(ns)
-  values["model_overrides"] = tuple(values["model_overrides"])
+  if "model_overrides" in values:
+    values["model_overrides"] = tuple(values["model_overrides"])
   name = values.pop("optimizer")
   taken = {f.name for f in dataclasses.fields(optimizers.REGISTRY[name])}
   given = {k: values.pop(k) for k in optimizers.option_fields()}
@@ -350,7 +366,7 @@ def from_argv(argv: Optional[Sequence[str]] = None) -> TrainConfig:
   if ignored:
     logging.getLogger(__name__).warning(
         "--optimizer %s ignores %s", name, ", ".join("--" + k.replace("_", "-") for k in ignored))
-  cfg = TrainConfig(optimizer=optimizers.make(
+  cfg = config_cls(optimizer=optimizers.make(
       name, **{k: v for k, v in given.items() if k in taken}), **values)
   try:
     parse_mesh(cfg.mesh)  # fail early on a malformed mesh
@@ -359,17 +375,24 @@ def from_argv(argv: Optional[Sequence[str]] = None) -> TrainConfig:
   return cfg
 
 
-def model_config(config: TrainConfig) -> Any:
+def model_config(config: TrainConfig, base: Any = None) -> Any:
   """The ``models.llama`` preset named by ``--model`` with ``--override``s applied.
+
+  Args:
+    config: the run configuration.
+    base: the model config to override instead of the ``--model`` preset (e.g. a pretrained
+      model's).
 
   Raises:
     ConfigError: for an unknown preset or field, or a value the config rejects.
   """
   from models import llama  # pylint: disable=import-outside-toplevel
 
-  if config.model not in llama.CONFIGS:
-    raise ConfigError(f"--model {config.model!r}: unknown; choose from {', '.join(llama.CONFIGS)}")
-  base = llama.CONFIGS[config.model]
+  if base is None:
+    if config.model not in llama.CONFIGS:
+      raise ConfigError(
+          f"--model {config.model!r}: unknown; choose from {', '.join(llama.CONFIGS)}")
+    base = llama.CONFIGS[config.model]
   fields = {f.name for f in dataclasses.fields(base)}
   overrides = dict(config.model_overrides)
   unknown = sorted(set(overrides) - fields)

@@ -35,7 +35,7 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -179,8 +179,9 @@ class _DivergenceCheck:
       raise self._error(f"by step {step}: the parameters or optimizer state are not finite")
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, workdir: str) -> None:
-  resume.check_resumable(saved, config, workdir)
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, workdir: str,
+                     abstract_params: Any = None) -> None:
+  resume.check_resumable(saved, config, workdir, abstract_params)
 
 
 def _initial_eval_perplexity(path: str) -> Optional[float]:
@@ -224,7 +225,9 @@ def _restore_or_init(s: Setup,
     if not isinstance(meta.get("config"), dict):
       raise checkpointing.CheckpointError(
           f"checkpoint {meta.get('step')} in {ckpt.directory}: its metadata holds no config")
-    _check_resumable(meta["config"], s.config, s.workdir)
+    _check_resumable(meta["config"], s.config, s.workdir, None if s.abstract_params is None else
+                     jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  s.abstract_params))
 
   step, state, meta = ckpt.restore_newest(s.abstract_state, check=check)
   if step is None:
@@ -238,10 +241,17 @@ def _restore_or_init(s: Setup,
 
 def _write_resolved_config(s: Setup, resumed_from: Optional[int]) -> None:
   """``WORKDIR/config.json``: flags, model config, data, mesh, what was resumed."""
+  from train import lora  # pylint: disable=import-outside-toplevel
+  memory = lora.memory_bytes(s.abstract_state.params, s.abstract_state.opt_state,
+                             s.parametrization)
+  trainable = (s.abstract_state.params if s.parametrization is None
+               else s.parametrization.split(s.abstract_state.params)[0])
   resolved = {
       "train": s.config.to_dict(),
       "model": dataclasses.asdict(s.model_config),
-      "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state.params)),
+      "num_params": _num_params(s),
+      "trainable_params": sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
+      "memory_bytes": memory,
       "flops_per_token": float(s.model_config.flops_per_token(s.config.seq_len)),
       "dataset": s.train_data.describe(),
       "eval_dataset": s.eval_data.describe(),
@@ -257,6 +267,12 @@ def _write_resolved_config(s: Setup, resumed_from: Optional[int]) -> None:
     json.dump(resolved, f, indent=2, sort_keys=True, default=str)
 
 
+def _num_params(s: Setup) -> int:
+  """Parameters of the model (a LoRA run's adapters are not among them)."""
+  params = s.abstract_state.params if s.abstract_params is None else s.abstract_params
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
 def _peak_flops(config: TrainConfig) -> Optional[float]:
   if config.peak_tflops:
     return config.peak_tflops * 1e12
@@ -264,7 +280,8 @@ def _peak_flops(config: TrainConfig) -> Optional[float]:
   return per_device * jax.device_count() if per_device else None
 
 
-def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
+def train_and_evaluate(config: TrainConfig,
+                       setup: Optional[Callable[[TrainConfig], Setup]] = None) -> dict[str, Any]:
   """Runs (or resumes) pretraining and returns a summary.
 
   Resumes from the newest intact checkpoint in ``WORKDIR/checkpoints`` if
@@ -281,6 +298,8 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
 
   Args:
     config: the run configuration.
+    setup: builds the run's :class:`~train.build.Setup` from ``config``
+      (default :func:`train.build.setup`, pretraining); another entry point passes its own.
 
   Returns:
     A dict with the final ``train_loss``, ``eval_loss``, ``eval_perplexity``
@@ -297,7 +316,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   """
   wall_start = time.perf_counter()
   _check_workdir(config.resolved_workdir())  # before loading any data
-  s = build.setup(config)
+  s = (setup or build.setup)(config)
   with _StopSignals() as stop:
     ckpt = checkpointing.Checkpointer(os.path.join(s.workdir, "checkpoints"),
                                       keep=config.keep_checkpoints)
@@ -338,16 +357,16 @@ def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
   compile_start = time.perf_counter()
   train_step = build.compile_train_step(s)
   compile_sec = time.perf_counter() - compile_start
-  evaluate = build.Evaluator(s)
+  evaluate = (s.make_evaluator or build.Evaluator)(s)
   divergence = _DivergenceCheck(s, ckpt)
 
   def train_batch(step: int) -> jax.Array:
-    host = s.train_data.batch(step, config.batch_size, config.seed)
-    return sharding_lib.put_batch(np.asarray(host, np.int32), s.batch_sharding)
+    return build.device_batch(s.train_data.batch(step, config.batch_size, config.seed),
+                              s.batch_sharding)
 
   last_eval, last_eval_step = {}, None
   if start == 0 and not stop.requested:
-    last_eval, last_eval_step = evaluate(state.params), 0
+    last_eval, last_eval_step = evaluate(state.params, step=0), 0
     writer.write(0, {"train_loss": evaluate.loss(state.params, train_batch(0)),
                      "lr": float(s.schedule(0)), "tokens_per_sec": None, **last_eval})
 
@@ -372,7 +391,7 @@ def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
     try:
       divergence.raise_if_diverged()
       if eval_due:
-        last_eval, last_eval_step = evaluate(state.params), step
+        last_eval, last_eval_step = evaluate(state.params, step=step), step
         record.update(last_eval)
     finally:
       writer.write(step, record)
@@ -411,7 +430,7 @@ def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
   bar.close()
   interrupted = stop.requested and step < end
   if last_eval_step != step and not interrupted:  # finished between evaluations, or resumed
-    last_eval, last_eval_step = evaluate(state.params), step  # a finished run
+    last_eval, last_eval_step = evaluate(state.params, step=step), step  # a finished run
   return {
       "steps_done": step,
       "steps": config.steps,
@@ -423,5 +442,5 @@ def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
       "eval_step": last_eval_step if last_eval else None,
       "tokens_per_sec": train_tokens / train_seconds if train_seconds else None,
       "compile_sec": compile_sec,
-      "num_params": sum(math.prod(x.shape) for x in jax.tree.leaves(s.abstract_state.params)),
+      "num_params": _num_params(s),
   }

@@ -32,6 +32,7 @@ import optax
 
 import ngalore_jax as ng
 from models import llama
+from train import lora as lora_lib
 
 #: name -> config class, filled by :func:`register`.
 REGISTRY: dict[str, type["OptimizerConfig"]] = {}
@@ -99,6 +100,16 @@ class OptimizerConfig:
       decayed: which leaves get weight decay.
     """
     raise NotImplementedError
+
+  def parametrization(self, projected: Callable[[Any], Any] = llama.galore_mask) -> Any:
+    """What the optimizer trains, if not the parameters themselves.
+
+    Returns:
+      ``None`` (the optimizer updates the model parameters), or a
+      :class:`train.lora.Parametrization` whose trainable part the optimizer updates (LoRA).
+    """
+    del projected
+    return None
 
 
 @register
@@ -278,6 +289,46 @@ class ApolloMiniConfig(AdamWConfig):
 
   def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
     return _build_alias(self, learning_rate, projected, decayed)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig(AdamWConfig):
+  """LoRA: AdamW on low-rank adapters of the attention/MLP kernels; the base stays frozen.
+
+  The optimizer is plain AdamW; what it updates is the adapters (:class:`train.lora.LoRA`, from
+  :meth:`parametrization`), merged into the kernels functionally in every step and for export.
+  """
+
+  name: ClassVar[str] = "lora"
+  description: ClassVar[str] = ("LoRA: AdamW on low-rank adapters of the attention/MLP kernels "
+                                "(base frozen, merged at export)")
+
+  rank: int = option(16, "projection rank (at most the model width)", type=int)
+  lora_alpha: float = option(32.0, "LoRA scale numerator: the adapters' product A B is scaled by "
+                             "lora_alpha / rank", type=float)
+  lora_others: str = option(
+      "frozen", "what the parameters without adapters (embeddings, norms, lm_head) do: stay "
+      "frozen, or train with AdamW (pretraining from scratch)", type=str, choices=lora_lib.OTHERS)
+
+  def validate(self, model_config: Any) -> None:
+    super().validate(model_config)
+    if self.rank < 1:
+      raise ValueError(f"`rank` must be an integer >= 1, got {self.rank}")
+    width = getattr(model_config, "hidden_size", None)
+    if width is not None and self.rank > width:
+      raise ValueError(f"`rank` {self.rank} exceeds the model width (hidden_size {width})")
+    if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+      raise ValueError(f"`lora_alpha` must be finite and > 0, got {self.lora_alpha}")
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    del projected
+    return optax.adamw(learning_rate, b1=self.b1, b2=self.b2, eps=self.eps,
+                       weight_decay=self.weight_decay, mask=decayed)
+
+  def parametrization(self, projected=llama.galore_mask):
+    return lora_lib.LoRA(rank=self.rank, alpha=self.lora_alpha, others=self.lora_others,
+                         projected=projected)
 
 
 def _build_alias(config: OptimizerConfig, learning_rate, projected, decayed):

@@ -35,9 +35,19 @@ def _flag(name: str) -> str:
 
 
 def state_signature(config: TrainConfig, abstract_params: Any) -> Any:
-  """The optimizer state's tree structure with each leaf's shape and dtype (no allocation)."""
+  """The optimizer state's tree structure with each leaf's shape and dtype (no allocation).
+
+  With a parametrisation (LoRA) the held parameters (base and adapters) are part of it.
+  """
   tx = optimizers.build_optimizer(config, optimizers.learning_rate_schedule(config))
-  state = jax.eval_shape(tx.init, abstract_params)
+  parametrization = config.optimizer.parametrization()
+  if parametrization is None:
+    state = jax.eval_shape(tx.init, abstract_params)
+  else:
+    from train import steps  # pylint: disable=import-outside-toplevel
+    state = jax.eval_shape(lambda p: steps.init_train_params(p, tx, parametrization,
+                                                             jax.random.PRNGKey(0)),
+                           abstract_params)
   leaves, treedef = jax.tree.flatten(state)
   return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
 
@@ -102,13 +112,13 @@ def check_resumable(saved_dict: dict[str, Any], config: TrainConfig, workdir: st
       shapes; the message names the flags and their saved values.
   """
   current = config.to_dict()
-  for key in IDENTITY_FIELDS:
+  for key in getattr(type(config), "IDENTITY_FIELDS", IDENTITY_FIELDS):
     if saved_dict.get(key) != current[key]:
       raise ConfigError(
           f"--workdir {workdir} holds a run with {key}={saved_dict.get(key)!r}, not "
           f"{current[key]!r}; choose another --workdir or delete it")
   try:
-    saved = TrainConfig.from_dict(saved_dict)
+    saved = type(config).from_dict(saved_dict)
   except (KeyError, TypeError, ValueError) as e:
     raise ConfigError(f"--workdir {workdir}: its checkpoint's configuration is unreadable "
                       f"({e}); choose another --workdir or delete it") from e
@@ -124,7 +134,8 @@ def check_resumable(saved_dict: dict[str, Any], config: TrainConfig, workdir: st
         f"--workdir {workdir} holds a run saved with {described}: these change the optimizer "
         "state's shapes, so it cannot resume; rerun with the saved values or choose another "
         "--workdir")
-  changed = [k for k in TRAJECTORY_FIELDS if saved_dict.get(k) != current[k]]
+  trajectory = getattr(type(config), "TRAJECTORY_FIELDS", TRAJECTORY_FIELDS)
+  changed = [k for k in trajectory if saved_dict.get(k) != current[k]]
   old, new = saved.optimizer.options(), config.optimizer.options()
   changed += [k for k in new if old.get(k) != new[k]]
   if changed:
