@@ -2,6 +2,8 @@
 
 from ngalore_jax._accounting import optimizer_state_bytes
 from ngalore_jax._accounting import tree_bytes
+from ngalore_jax._alias import OFFICIAL_CODE_SETTINGS
+from ngalore_jax._alias import PRECONDITIONERS
 from ngalore_jax._alias import galore
 from ngalore_jax._alias import natural_galore
 from ngalore_jax._apollo import APOLLO_PROJECTIONS
@@ -13,6 +15,9 @@ from ngalore_jax._apollo import scale_by_apollo
 from ngalore_jax._fira import FiraState
 from ngalore_jax._fira import fira
 from ngalore_jax._fira import scale_by_fira
+from ngalore_jax._kronecker import KRONECKER_SIDES
+from ngalore_jax._kronecker import KroneckerState
+from ngalore_jax._kronecker import kronecker_precondition
 from ngalore_jax._plans import PROJ_TYPES
 from ngalore_jax._plans import MatrixAxes
 from ngalore_jax._projection import REFRESH_POLICIES
@@ -32,7 +37,11 @@ __all__ = (
     "DAMPING_MODES",
     "FiraState",
     "GaLoreProjectionState",
+    "KRONECKER_SIDES",
+    "KroneckerState",
     "MatrixAxes",
+    "OFFICIAL_CODE_SETTINGS",
+    "PRECONDITIONERS",
     "PROJ_TYPES",
     "REFRESH_POLICIES",
     "SVD_METHODS",
@@ -42,6 +51,7 @@ __all__ = (
     "fira",
     "galore",
     "galore_projection",
+    "kronecker_precondition",
     "natural_direction",
     "natural_galore",
     "optimizer_state_bytes",

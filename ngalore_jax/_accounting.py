@@ -32,7 +32,8 @@ def optimizer_state_bytes(state: Any) -> dict[str, int]:
 
   Categories:
 
-  - ``projectors``: GaLore's orthonormal bases (:class:`GaLoreProjectionState.projectors`,
+  - ``projectors``: GaLore's orthonormal bases (:class:`GaLoreProjectionState.projectors`:
+    both factors of a two-sided ``proj_type="full"`` projection, every factor of a Tucker one;
     and APOLLO's SVD bases).
   - ``inner_state``: the state of the transformation inside a projection (e.g. Adam's moments on
     the low-rank coefficients; with Fira, its limiter's scalar per matrix too), minus gradient

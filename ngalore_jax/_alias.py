@@ -1,11 +1,14 @@
 """Ready-made optimizers: GaLore-Adam and Natural GaLore, with AdamW on the other leaves."""
 
+import types
 from typing import Any, Callable, Optional, Union
 
 import jax
 import numpy as np
 import optax
 
+from ngalore_jax import _checks
+from ngalore_jax import _kronecker
 from ngalore_jax import _projection
 from ngalore_jax import _woodbury
 
@@ -13,11 +16,53 @@ MaskOrFn = Union[None, Any, Callable[[Any], Any]]
 
 DEFAULT_HISTORY_SIZE = 10
 DEFAULT_DAMPING = 1e-3
+DEFAULT_KRONECKER_BETA = 0.95
+# The curvature estimates `natural_galore` can put before Adam.
+PRECONDITIONERS = ("woodbury", "kronecker")
+
+# The setting of the Natural GaLore authors' PyTorch code (github.com/selfsupervised-ai/
+# Natural-GaLore, code/natural_galore/: SubSpaceAdamW and GaLoreProjectorTensor, with the
+# optimizer built as pytorchrun_main.py builds it). Per entry, what that code does:
+OFFICIAL_CODE_SETTINGS = types.MappingProxyType({
+    # GaLoreProjectorTensor projects every selected weight with tensorly's Tucker decomposition
+    # (ranks [rank] * ndim) and transforms the gradient with the factors transposed. On a 2-D
+    # weight the Tucker factors (HOOI from an SVD start, which a matrix does not move) are the
+    # top-r left and right singular vectors, so the coefficients are U^T G V, r x r: the
+    # two-sided projection. (Tensors with more than 2 dims get one factor per mode under ng's
+    # default `dimension_numbers`, a Tucker projection like theirs.)
+    "proj_type": "full",
+    # SubSpaceAdamW's `natural_history=20` (pytorchrun_main.py's --natural_history default):
+    # the last 20 projected gradients, the current one included.
+    "history_size": 20,
+    # GaLoreProjectorTensor fixes lambda_damping = 1e-3 (not an argument there).
+    "damping": 1e-3,
+    # Their natural-gradient step is lambda^-1 g - lambda^-2 H (I + H^T H / lambda)^-1 H^T g,
+    # i.e. (lambda I + H H^T)^-1 g: the inverse, with an absolute damping. ng computes the same
+    # vector in a form that does not cancel in float32.
+    "exponent": -1.0,
+    "damping_mode": "absolute",
+    # SubSpaceAdamW's default eps (pytorchrun_main.py passes only lr and weight_decay). Their
+    # Adam adds eps to sqrt(v) before the bias correction, optax to sqrt(v_hat): in optax's
+    # terms theirs is eps / sqrt(1 - b2**t), 31.6 eps at the first step, 1.26 eps at step 1000,
+    # eps in the long run.
+    "eps": 1e-6,
+    # Neither Adam's moments nor the gradient history change when the projector is refreshed
+    # (the history is never cleared): ng's "keep".
+    "refresh_policy": "keep",
+})
+# Not in the preset, because they are ng's defaults already or belong to the run: the
+# natural-gradient step comes before Adam (their projector applies it inside `project`, ahead of
+# Adam); b1, b2 = 0.9, 0.999; their C4 scripts use rank 128 (60M) to 1024 (1B),
+# update_proj_gap 200 and galore_scale 0.25 (ng's defaults), lr 0.01, weight decay 0.01 (60M)
+# or 0 (1B), on the attention and MLP Linear weights. Their AdamW decays the weights after the
+# step, p <- (1 - lr wd)(p - lr u); optax before it: the difference is O(lr^2 wd) per step.
 
 # The keyword arguments of `galore_projection` that the aliases pass on unchanged. Each alias
 # still spells them out in its signature (optax.inject_hyperparams reads signatures), and
 # forwards them all through `_projected`: a new projection option is a name here and a
-# parameter in each signature.
+# parameter in each signature. Options of what runs inside the projection (natural_galore's
+# `preconditioner`, `kronecker_beta`, the history's) are not projection options: the alias
+# builds its inner transformation from them (`_natural_inner`).
 PROJECTION_OPTIONS = ("rank", "update_proj_gap", "scale", "proj_type", "refresh_policy",
                       "svd_method", "oversampling", "power_iterations", "stagger_refresh",
                       "dimension_numbers", "projector_dtype", "seed")
@@ -71,6 +116,46 @@ def _assemble(projection: optax.GradientTransformation,
   )
 
 
+def _is_set(value: Any, default: Any) -> bool:
+  """Whether an option differs from its default (a traced value counts as unset: it was
+  checked when the optimizer was first built with concrete values)."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  if value is None or default is None:
+    return value is not default
+  try:
+    return bool(np.float32(value) != np.float32(default))
+  except (TypeError, ValueError):
+    return value != default
+
+
+def _natural_inner(arguments: dict[str, Any]) -> optax.GradientTransformation:
+  """The preconditioner ``arguments`` name, then Adam: what ``natural_galore`` projects."""
+  preconditioner = arguments["preconditioner"]
+  _checks.check_choice("preconditioner", preconditioner, PRECONDITIONERS)
+  if preconditioner == "kronecker":
+    for name, default in (("history_size", DEFAULT_HISTORY_SIZE), ("history_dtype", None)):
+      if _is_set(arguments[name], default):
+        raise ValueError(
+            f"`{name}` configures the gradient history of preconditioner='woodbury'; "
+            f"preconditioner='kronecker' keeps none (got {name}={arguments[name]!r}). Leave it "
+            "at its default, or use `kronecker_beta` for the Kronecker factor's decay.")
+    curvature = _kronecker.kronecker_precondition(
+        beta=_float32_value(arguments["kronecker_beta"]), damping=arguments["damping"],
+        exponent=arguments["exponent"], damping_mode=arguments["damping_mode"])
+  else:
+    if _is_set(arguments["kronecker_beta"], DEFAULT_KRONECKER_BETA):
+      raise ValueError(
+          "`kronecker_beta` is the decay of preconditioner='kronecker'; the 'woodbury' "
+          f"preconditioner keeps a history instead (got kronecker_beta="
+          f"{arguments['kronecker_beta']!r}). Set preconditioner='kronecker' or leave it out.")
+    curvature = _woodbury.woodbury_precondition(
+        history_size=arguments["history_size"], damping=arguments["damping"],
+        exponent=arguments["exponent"], damping_mode=arguments["damping_mode"],
+        history_dtype=arguments["history_dtype"])
+  return optax.chain(curvature, _adam(arguments))
+
+
 def galore(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -114,7 +199,8 @@ def galore(
       ``None`` decays all.
     mask: Which leaves are projected (bool pytree or callable of the params); the others get
       plain Adam. ``None`` projects every leaf with ndim >= 2.
-    proj_type: Which side holds the projector; see :func:`galore_projection`.
+    proj_type: Which side holds the projector (``"full"``: both); see
+      :func:`galore_projection`.
     refresh_policy: ``"keep"``, ``"reset"`` or ``"rotate"`` the inner state on a refresh.
     svd_method: ``"exact"`` or ``"randomized"``.
     oversampling: Extra random directions of the randomized SVD.
@@ -160,6 +246,8 @@ def natural_galore(
     exponent: float = -1.0,
     damping_mode: str = "absolute",
     history_dtype: Optional[Any] = None,
+    preconditioner: str = "woodbury",
+    kronecker_beta: float = DEFAULT_KRONECKER_BETA,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -184,6 +272,19 @@ def natural_galore(
   ``history_size`` values, :math:`(\lambda I + H H^\top)^{-1} g`, before Adam. Plain Adam on the
   other leaves, decoupled weight decay in the full space, then the learning rate.
 
+  ``preconditioner="kronecker"`` replaces the history by
+  :func:`ngalore_jax.kronecker_precondition`'s exponential moving average of one side's outer
+  products, :math:`(\lambda I + \hat L)^{p} C` (memory: one ``r x r`` factor per matrix,
+  whatever the history length), with ``beta=kronecker_beta`` and this function's ``damping``,
+  ``exponent`` and ``damping_mode``. Their defaults here are the paper's (``-1``, absolute);
+  ``kronecker_precondition``'s own are Shampoo's (``-0.5``, relative). The history's options
+  (``history_size``, ``history_dtype``) set to anything but their defaults are then a
+  ``ValueError``, and so is ``kronecker_beta`` with the Woodbury history.
+
+  :data:`ngalore_jax.OFFICIAL_CODE_SETTINGS` holds the setting of the authors' code
+  (two-sided projection, history 20, damping 1e-3, Adam's eps 1e-6, state kept on refresh):
+  ``natural_galore(lr, rank=r, **ng.OFFICIAL_CODE_SETTINGS)``.
+
   Args:
     learning_rate: A float or an ``optax`` schedule.
     rank: Projection rank ``r``.
@@ -194,6 +295,9 @@ def natural_galore(
     exponent: Power of the damped Fisher: ``-1`` (the paper) or e.g. ``-0.5``.
     damping_mode: ``"absolute"`` (the paper) or ``"relative"`` to the history's top eigenvalue.
     history_dtype: dtype of the stored history; ``None`` keeps the coefficients' dtype.
+    preconditioner: ``"woodbury"`` (the paper's gradient history) or ``"kronecker"`` (a
+      one-sided Kronecker factor; see above).
+    kronecker_beta: Decay of the Kronecker factor's moving average (``"kronecker"`` only).
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
@@ -201,7 +305,8 @@ def natural_galore(
     weight_decay: Decoupled weight-decay rate, applied in the full space.
     weight_decay_mask: Which leaves decay; ``None`` decays all.
     mask: Which leaves are projected; ``None`` projects every leaf with ndim >= 2.
-    proj_type: Which side holds the projector; see :func:`galore_projection`.
+    proj_type: Which side holds the projector (``"full"``: both); see
+      :func:`galore_projection`.
     refresh_policy: ``"keep"``, ``"reset"`` or ``"rotate"`` the inner state on a refresh.
     svd_method: ``"exact"`` or ``"randomized"``.
     oversampling: Extra random directions of the randomized SVD.
@@ -226,16 +331,14 @@ def natural_galore(
     >>> updates, state = tx.update(grads, state, params)
     >>> bool(jnp.all(jnp.isfinite(updates["w"])))
     True
+    >>> official = ng.natural_galore(1e-2, rank=4, **ng.OFFICIAL_CODE_SETTINGS)
+    >>> official.init(params)[0].inner_states["galore"].inner_state.projectors["w"][1].shape
+    (8, 4)
+    >>> lean = ng.natural_galore(1e-2, rank=4, preconditioner="kronecker")
 
   References:
     Das, `Natural GaLore: Accelerating GaLore for memory-efficient LLM training and fine-tuning
     <https://arxiv.org/abs/2410.16029>`_, 2024.
   """
   arguments = dict(locals())
-  inner = optax.chain(
-      _woodbury.woodbury_precondition(history_size=history_size, damping=damping,
-                                      exponent=exponent, damping_mode=damping_mode,
-                                      history_dtype=history_dtype),
-      _adam(arguments),
-  )
-  return _assemble(_projected(inner, arguments), arguments)
+  return _assemble(_projected(_natural_inner(arguments), arguments), arguments)

@@ -159,7 +159,7 @@ def scale_by_apollo(
   _checks.check_positive_int("update_proj_gap", update_proj_gap)
   _checks.check_choice("scale_type", scale_type, APOLLO_SCALE_TYPES)
   _checks.check_choice("projection", projection, APOLLO_PROJECTIONS)
-  _checks.check_choice("proj_type", proj_type, _plans.PROJ_TYPES)
+  _checks.check_choice("proj_type", proj_type, _plans.ONE_SIDED_PROJ_TYPES)
   _fira.check_hyperparameters(scale=scale, norm_growth_limit=norm_growth_limit, b1=b1, b2=b2,
                               eps=eps)
   if isinstance(seed, bool) or not isinstance(seed, int):

@@ -244,6 +244,8 @@ def scale_by_fira(
     <https://arxiv.org/abs/2410.01623>`_, 2024.
   """
   check_hyperparameters(scale=scale, norm_growth_limit=norm_growth_limit, b1=b1, b2=b2, eps=eps)
+  # The residual is scaled per row or column of the full-size dimension: one-sided only.
+  _checks.check_choice("proj_type", proj_type, _plans.ONE_SIDED_PROJ_TYPES)
 
   def combine(grad, coefficients, low_rank_update, state, plan, factors):
     require_matrix(plan, "fira")

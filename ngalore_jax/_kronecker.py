@@ -81,8 +81,10 @@ def kronecker_precondition(
   becomes :math:`R L R^\top`. A factor on the other (full-size) side is kept as it is: the
   coefficients move as :math:`C R^\top`, and :math:`R^\top R \ne I` in general cannot be
   applied to :math:`C^\top C` without the history it summarises (exact when the subspace did
-  not change). A Tucker-projected core's leading modes mix its matrices, which a per-matrix
-  factor cannot follow: there the factor is kept too.
+  not change). Under ``proj_type="full"`` both sides of the ``r x r`` coefficients are rank
+  sides: the factor follows :math:`R_l` (rows) or :math:`R_r` (columns). A Tucker-projected
+  core's projected leading modes mix its matrices, which a per-matrix factor cannot follow:
+  there the factor is kept too.
 
   **Other shapes.** A leaf with more than 2 dims is a batch of matrices over its last two axes,
   one factor per matrix (GaLore's stacked ``[layers, r, n]`` coefficients; a Tucker core the
@@ -204,32 +206,36 @@ def kronecker_precondition(
 def rotate_state(state: KroneckerState, plan: Any, rotation: Any) -> KroneckerState:
   """Moves a Kronecker factor into a new projection basis (``galore_projection``'s rotate).
 
-  For a matrix projected on its left (coefficients ``r x n``) the rank side is the rows, on its
-  right (``m x r``) the columns; a factor on the rank side becomes ``R L R^T`` (and its cached
-  root is marked stale), a factor on the other side is kept. Tucker plans keep the state.
+  ``plan.axis_rotations(rotation)`` says which coefficient axis a refresh moves, and by which
+  matrix ``R``: the rows (``-2``) of a left projection's ``r x n`` coefficients, the columns
+  (``-1``) of a right projection's ``m x r``, both for a two-sided ``r x r``. A factor over a
+  moved axis becomes ``R L R^T`` (and its cached root is marked stale); a factor over an axis
+  that did not move (the full-size side), or a plan that moves none (a Tucker core whose
+  leading modes are projected), is kept.
   """
-  plan_side = getattr(plan, "side", None)
-  if plan_side is None:
-    return state
-  field = "rows" if plan_side == "left" else "cols"
-  (r,) = rotation
+  rotations = plan.axis_rotations(rotation)
+  is_none = lambda x: x is None
 
-  def rotate_leaf(factor, scale, root_scale):
+  def rotate_leaf(r, factor, scale, root_scale):
     if factor is None:
       return factor, scale, root_scale
     moved = jnp.einsum("...ab,...bc,...dc->...ad", r, factor, r)
     moved, scale = _renormalise(moved, scale)
     return moved, scale, None if root_scale is None else jnp.zeros_like(root_scale)
 
-  is_none = lambda x: x is None
-  factors, treedef = jax.tree.flatten(getattr(state, field), is_leaf=is_none)
-  scales = treedef.flatten_up_to(state.scale)
-  root_scales = treedef.flatten_up_to(state.root_scale)
-  moved = [rotate_leaf(*args) for args in zip(factors, scales, root_scales)]
-  return state._replace(**{
-      field: treedef.unflatten([m[0] for m in moved]),
-      "scale": treedef.unflatten([m[1] for m in moved]),
-      "root_scale": treedef.unflatten([m[2] for m in moved])})
+  for field, axis in (("rows", -2), ("cols", -1)):
+    r = rotations.get(axis)
+    if r is None:
+      continue
+    factors, treedef = jax.tree.flatten(getattr(state, field), is_leaf=is_none)
+    scales = treedef.flatten_up_to(state.scale)
+    root_scales = treedef.flatten_up_to(state.root_scale)
+    moved = [rotate_leaf(r, *args) for args in zip(factors, scales, root_scales)]
+    state = state._replace(**{
+        field: treedef.unflatten([m[0] for m in moved]),
+        "scale": treedef.unflatten([m[1] for m in moved]),
+        "root_scale": treedef.unflatten([m[2] for m in moved])})
+  return state
 
 
 def _factor_axis(shape, side: str) -> Optional[str]:

@@ -28,8 +28,9 @@ class GaLoreProjectionState(NamedTuple):
     count: Number of updates so far; projectors are refreshed when it is a multiple of
       ``update_proj_gap`` (shifted per leaf when refreshes are staggered).
     projectors: Per leaf, a tuple of orthonormal factors: one ``[..., d, r]`` matrix for a
-      projected matrix, one ``[d_i, r_i]`` per projected mode for a Tucker-projected tensor,
-      empty for a leaf passed through unprojected.
+      matrix projected on one side, two (``[..., m, r]`` and ``[..., n, r]``) for one
+      projected on both (``proj_type="full"``), one ``[d_i, r_i]`` per projected mode for a
+      Tucker-projected tensor, empty for a leaf passed through unprojected.
     inner_states: Per leaf, the inner transformation's state, initialised on the low-rank
       coefficients (so its moments are low-rank).
   """
@@ -110,9 +111,19 @@ def galore_projection(
   - 2-D leaves: as matrices. ``proj_type="std"`` (galore-torch's default) keeps the singular
     vectors of the smaller side, so coefficients are ``r x max(m, n)``; ``"reverse_std"`` the
     other side (optax.contrib.galore's choice); ``"left"``/``"right"`` force a side.
+    ``"full"`` projects on both sides with the top-``r`` left and right singular vectors
+    ``U``, ``V`` of one SVD: coefficients :math:`C = U^\top G V` are ``r x r`` and
+    :math:`\Delta = \text{scale} \cdot U\, \text{inner}(C)\, V^\top` (galore-torch's
+    ``proj_type="full"``; what the Natural GaLore authors' Tucker projection does to a
+    matrix). At a refresh the coefficients of the decomposed gradient itself are
+    ``diag(s)`` up to rounding: an inner transformation that normalises entry by entry from
+    empty state (Adam at step 0, or after a ``"reset"``) turns that rounding into
+    :math:`\pm 1` entries unless its ``eps`` exceeds it, as in galore-torch.
   - Leaves with more than 2 dims: a Tucker/HOSVD factor per mode (Natural GaLore, Step 1), unless
     ``dimension_numbers`` says which axes form the matrix (:class:`MatrixAxes`; the remaining
-    axes are batch axes, e.g. stacked ``[layers, in, out]`` kernels with ``MatrixAxes(1, 2)``).
+    axes are batch axes, e.g. stacked ``[layers, in, out]`` kernels with ``MatrixAxes(1, 2)``;
+    under ``proj_type="full"`` each of those matrices is projected on both sides). ``proj_type``
+    does not change this default: Tucker is already two-sided.
   - 0-D/1-D leaves, and leaves whose dimension number is ``None``: passed to ``inner``
     unprojected.
 
@@ -129,11 +140,15 @@ def galore_projection(
     rank: Rank ``r`` of the projection (>= 1).
     update_proj_gap: Steps between projector refreshes ``T`` (>= 1).
     scale: GaLore's ``alpha``, multiplying the projected-back update (finite, > 0).
-    proj_type: ``"std"``, ``"reverse_std"``, ``"left"`` or ``"right"``.
+    proj_type: ``"std"``, ``"reverse_std"``, ``"left"``, ``"right"`` or ``"full"``
+      (two-sided; it applies to matrices, a leaf marked ``"tucker"`` in
+      ``dimension_numbers`` is a ``ValueError``).
     refresh_policy: What happens to ``inner``'s state when a leaf's projector is refreshed:
       ``"rotate"`` it into the new basis with ``R = P_new^T P_old`` (default; first moments and
       gradient histories linearly, Adam's second moment with ``R * R``, the diagonal of
-      ``R diag(v) R^T``), ``"keep"`` it as it is (galore-torch and the Natural GaLore code do
+      ``R diag(v) R^T``; with ``proj_type="full"`` on both sides, ``R_l C R_r^T`` with
+      ``R_l = U_new^T U_old``, ``R_r = V_new^T V_old``, and ``(R_l * R_l) v (R_r * R_r)^T``),
+      ``"keep"`` it as it is (galore-torch and the Natural GaLore code do
       this; use it to reproduce them), or ``"reset"`` it to ``inner.init``. ``"rotate"`` knows the states of
       optax's Adam, AMSGrad, AdaBelief, Lion, RMSProp, RSS, momentum (``trace``),
       :class:`WoodburyState` and :class:`KroneckerState`; any other array state
@@ -205,7 +220,11 @@ def galore_projection(
     if _is_matrix_axes(dimension_numbers):
       return [dimension_numbers if x.ndim >= 2 else None for x in leaves]
     dims = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
-    return [_spec_entry(d) for d in treedef.flatten_up_to(dims)]
+    specs = [_spec_entry(d) for d in treedef.flatten_up_to(dims)]
+    if proj_type == "full":
+      for x, spec in zip(leaves, specs):
+        _plans.check_two_sided(tuple(x.shape), spec)
+    return specs
 
   def plans_for(tree, treedef, leaves):
     return [_plans.make_plan(tuple(x.shape), spec, rank=rank, proj_type=proj_type)

@@ -96,6 +96,12 @@ OPTIMIZERS = {
     "natural_galore_keep_randomized_staggered": lambda: ng.natural_galore(
         LR, refresh_policy="keep", svd_method="randomized", oversampling=1,
         stagger_refresh=True, exponent=-0.5, damping_mode="relative", **NATURAL),
+    # The authors' setting: two factors (U, V) per 2-D kernel, Tucker on the 3-D one.
+    "natural_galore_official": lambda: ng.natural_galore(
+        LR, **ALIAS, **ng.OFFICIAL_CODE_SETTINGS),
+    "fira": lambda: ng.fira(LR, **ALIAS),
+    "apollo": lambda: ng.apollo(LR, **ALIAS),
+    "apollo_mini": lambda: ng.apollo_mini(LR, update_proj_gap=GAP),
 }
 NAMES = list(OPTIMIZERS)
 

@@ -1,4 +1,4 @@
-"""ng.galore against galore-torch's GaLoreAdamW (proj_type 'std') and optax.contrib.galore.
+"""ng.galore against galore-torch's GaLoreAdamW (proj_type 'std' and 'full') and optax.contrib.galore.
 
 Both references see the same fixed gradient sequence (not gradients of the evolving weights, so
 the trajectories cannot drift apart for any other reason), over several projector refreshes, for
@@ -85,15 +85,20 @@ def make_problem(seed=0, param_scale=0.1):
   return params, grads
 
 
-def galore_projectors(state):
-  """{leaf name: projector} from the GaLoreProjectionState nested somewhere in ``state``."""
+def galore_factors(state):
+  """{leaf name: tuple of projector factors} from the GaLoreProjectionState in ``state``."""
   is_projection = lambda x: isinstance(x, ng.GaLoreProjectionState)
   (projection,) = [s for s in jax.tree.leaves(state, is_leaf=is_projection) if is_projection(s)]
-  return {k: np.asarray(f[0]) for k, f in projection.projectors.items() if f}
+  return {k: tuple(np.asarray(x) for x in f) for k, f in projection.projectors.items() if f}
 
 
-def run_ng(tx, params0, grads):
-  """Per step: the parameters after it, and the projector used at it."""
+def galore_projectors(state):
+  """{leaf name: projector} of one-sided projections (their single factor)."""
+  return {k: f[0] for k, f in galore_factors(state).items()}
+
+
+def run_ng(tx, params0, grads, record=galore_projectors):
+  """Per step: the parameters after it, and the projector (``record`` of the state) used at it."""
   params = {k: jnp.asarray(v) for k, v in params0.items()}
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -102,7 +107,7 @@ def run_ng(tx, params0, grads):
     updates, state = step({k: jnp.asarray(v) for k, v in g.items()}, state, params)
     params = optax.apply_updates(params, updates)
     trajectory.append({k: np.asarray(v) for k, v in params.items()})
-    projectors.append(galore_projectors(state))
+    projectors.append(record(state))
   return trajectory, projectors
 
 
@@ -119,9 +124,13 @@ class SignGauge:
     self.overlaps = []
     self.calls = []
 
-  def signs(self, name, vectors):
-    """``vectors``: ``[d, r]`` columns in float32 NumPy; returns the ``r`` signs to apply."""
+  def signs(self, name, vectors, factor=None):
+    """``vectors``: ``[d, r]`` columns in float32 NumPy; returns the ``r`` signs to apply.
+
+    ``factor``: which of ng's factors to align with, for a two-sided projection.
+    """
     target = self.ng_projectors[self.step][name]
+    target = target if factor is None else target[factor]
     assert target.shape == vectors.shape, (name, target.shape, vectors.shape)
     overlap = np.sum(vectors.astype(np.float64) * target, axis=0)
     self.overlaps.append((self.step, name, np.abs(overlap)))
@@ -130,13 +139,13 @@ class SignGauge:
 
 
 def run_galore_torch(gt, params0, grads, *, weight_decay, gauge=None, monkeypatch=None,
-                     eps=TINY_EPS):
-  """GaLoreAdamW: 'std' projection on the matrices, plain AdamW on the rest."""
+                     eps=TINY_EPS, proj_type="std"):
+  """GaLoreAdamW: ``proj_type`` projection on the matrices, plain AdamW on the rest."""
   torch = gt.torch
   params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params0.items()}
   groups = [
       {"params": [params[k] for k in MATRICES], "rank": RANK, "update_proj_gap": GAP,
-       "scale": SCALE, "proj_type": "std"},
+       "scale": SCALE, "proj_type": proj_type},
       {"params": [params[k] for k in VECTORS]},
   ]
   optimizer = gt.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=eps, weight_decay=weight_decay,
@@ -146,8 +155,14 @@ def run_galore_torch(gt, params0, grads, *, weight_decay, gauge=None, monkeypatc
 
     def aligned(self, weights, rank, type):  # noqa: A002 (galore-torch's argument name)
       basis = gt.get_orthogonal_matrix(self, weights, rank, type)
+      name = names[tuple(weights.shape)]
+      if type == "full":  # [U[:, :r], Vh[:r]]: each flipped to the sign of ng's U and V
+        u, vh = basis
+        u_signs = torch.tensor(gauge.signs(name, u.numpy(), factor=0))
+        v_signs = torch.tensor(gauge.signs(name, vh.T.numpy(), factor=1))
+        return [u * u_signs[None, :], vh * v_signs[:, None]]
       columns = basis.T if type == "right" else basis  # right: Vh[:r] is [r, n]
-      signs = torch.tensor(gauge.signs(names[tuple(weights.shape)], columns.numpy()))
+      signs = torch.tensor(gauge.signs(name, columns.numpy()))
       return basis * signs[:, None] if type == "right" else basis * signs[None, :]
 
     monkeypatch.setattr(gt.GaLoreProjector, "get_orthogonal_matrix", aligned)
@@ -238,6 +253,49 @@ def test_weight_decay_matches_galore_torch_up_to_its_decay_order(galore_torch, m
   # The decay itself is large and the correction is resolved: the test could see either missing.
   assert min(np.max(np.abs(want[-1][k] - undecayed[-1][k])) for k in SHAPES) > 1e-2
   assert max(np.max(np.abs(v)) for v in e.values()) > 100 * ATOL
+
+
+def diagonal_gradient(shape, seed=0):
+  """A gradient with distinct singular values on its diagonal and zeros elsewhere."""
+  rng = np.random.default_rng(seed)
+  k = min(shape)
+  g = np.zeros(shape, np.float32)
+  g[np.arange(k), np.arange(k)] = (np.arange(k, 0, -1) + 0.5 * rng.random(k)) * rng.choice(
+      [-1.0, 1.0], k)
+  return g
+
+
+def test_full_matches_galore_torch_across_refreshes(galore_torch, monkeypatch):
+  """proj_type="full": galore-torch's two-sided projection, ``U_r^T G V_r`` from one SVD.
+
+  galore-torch stores ``[U[:, :r], Vh[:r]]`` (its "ortho matrix" is the pair), projects with
+  ``U^T G Vh^T`` and back with ``U C Vh``, times ``scale``; ng stores ``U`` and ``V = Vh^T``.
+
+  At a refresh, the coefficients of the very gradient that was decomposed are ``diag(s)`` in
+  exact arithmetic: their off-diagonal entries are SVD rounding (~1e-7 relative), and Adam with
+  empty moments (step 0) divides each by its own magnitude, so those entries of the first update
+  are random signs, different in every implementation. Step 0's gradients are therefore
+  diagonal matrices (whose SVD both libraries compute exactly); the refreshes at steps 5, 10 and
+  15 are ordinary random gradients, where Adam's moments are no longer empty.
+  """
+  params0, grads = make_problem()
+  for seed, k in enumerate(MATRICES):
+    grads[0][k] = diagonal_gradient(SHAPES[k], seed)
+  tx = ng.galore(LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, eps=TINY_EPS,
+                 proj_type="full", refresh_policy="keep")
+  got, ng_factors = run_ng(tx, params0, grads, record=galore_factors)
+  gauge = SignGauge(ng_factors)
+  want = run_galore_torch(galore_torch, params0, grads, weight_decay=0.0, gauge=gauge,
+                          monkeypatch=monkeypatch, proj_type="full")
+  assert_same_singular_vectors(gauge, refresh_steps=range(0, STEPS, GAP))
+  state = jax.eval_shape(tx.init, {k: jnp.asarray(v) for k, v in params0.items()})
+  adam = state[0].inner_states["galore"].inner_state.inner_states
+  for k in MATRICES:
+    m, n = SHAPES[k]
+    r = min(RANK, m, n)
+    assert [f.shape for f in ng_factors[0][k]] == [(m, r), (n, r)]
+    assert adam[k].mu.shape == (r, r)
+  assert_trajectories_close(got, want, params0, range(STEPS))
 
 
 class _AlignedSvdNumpy:
