@@ -85,7 +85,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "natural_galore_paper_int8": ("natural_galore", dict(
         exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=10,
         refresh_policy="keep", proj_type="std", history_dtype="int8")),
-    "natural_galore_official": ("natural_galore", dict(settings="official_code")),
+    "natural_galore_official": ("natural_galore_official", {}),
     "natural_galore_kronecker": ("natural_galore", dict(preconditioner="kronecker",
                                                         refresh_policy="keep",
                                                         proj_type="reverse_std")),

@@ -201,8 +201,32 @@ class NaturalGaLoreConfig(GaLoreConfig):
   history_dtype: Optional[str] = option(
       None, "dtype of the stored gradient history (default: the gradients')", type=str,
       choices=HISTORY_DTYPES)
+  preconditioner: Optional[str] = option(
+      None, "the curvature in the subspace: the paper's gradient history (woodbury) or a "
+      "one-sided Kronecker factor whose memory does not grow with a history", type=str,
+      choices=ng.PRECONDITIONERS)
+  kronecker_beta: Optional[float] = option(
+      None, "EMA decay of the Kronecker factor (--preconditioner kronecker)", type=float)
 
   alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.natural_galore)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class NaturalGaLoreOfficialConfig(LowRankConfig):
+  """``ng.natural_galore(**ng.OFFICIAL_CODE_SETTINGS)``: the authors' code's setting."""
+
+  name: ClassVar[str] = "natural_galore_official"
+  description: ClassVar[str] = (
+      "ng.natural_galore with ng.OFFICIAL_CODE_SETTINGS (two-sided projection, history 20, "
+      "damping 1e-3, Adam eps 1e-6, refresh keep)")
+  alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.natural_galore)
+
+  eps: Optional[float] = option(None, "Adam epsilon", type=float)
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    options = {**ng.OFFICIAL_CODE_SETTINGS, **self.given_options()}
+    return ng.natural_galore(learning_rate, mask=projected, weight_decay_mask=decayed, **options)
 
 
 @register
