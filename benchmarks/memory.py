@@ -45,10 +45,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ng.galore": ("galore", {}),
     "ng.natural_galore": ("natural_galore", {}),
     "ng.natural_galore (bf16 history)": ("natural_galore", {"history_dtype": "bfloat16"}),
+    "ng.natural_galore (int8 history)": ("natural_galore", {"history_dtype": "int8"}),
     # optax.contrib's side: projector on the larger side, coefficients r x min(m, n).
     "ng.galore (reverse_std)": ("galore", {"proj_type": "reverse_std"}),
     "ng.natural_galore (reverse_std, bf16 history)": (
         "natural_galore", {"proj_type": "reverse_std", "history_dtype": "bfloat16"}),
+    "ng.natural_galore (reverse_std, int8 history 4)": (
+        "natural_galore", {"proj_type": "reverse_std", "history_dtype": "int8", "history_size": 4}),
+    "ng.natural_galore (Kronecker)": ("natural_galore", {"preconditioner": "kronecker"}),
+    "ng.natural_galore (reverse_std, Kronecker)": (
+        "natural_galore", {"proj_type": "reverse_std", "preconditioner": "kronecker"}),
+    "ng.galore (full)": ("galore", {"proj_type": "full"}),
+    "ng.natural_galore (authors' code settings)": ("natural_galore_official", {}),
 }
 
 
@@ -135,8 +143,8 @@ def main(argv=None):
 
 def print_tables(rows, mesh):
   unit, unit_name = (GIB, "GiB")
-  header = ("| preset (rank) | optimizer | params | state total | x AdamW | projectors | "
-            "inner (low-rank) | history | full-rank rest |")
+  header = ("| preset (rank) | optimizer | params | state total | x AdamW | x ng.galore | "
+            "projectors | inner (low-rank) | history | curvature | full-rank rest |")
   if mesh is not None:
     header += f" state per device (FSDP {mesh.devices.size}) |"
   print(f"\nOptimizer-state memory ({unit_name}, params in {rows[0]['param_dtype']}; "
@@ -144,13 +152,16 @@ def print_tables(rows, mesh):
   print(header)
   print("|" + "---|" * (header.count("|") - 1))
   adamw = {r["preset"]: r["total"] for r in rows if r["optimizer"] == "adamw"}
+  galore = {r["preset"]: r["total"] for r in rows if r["optimizer"] == "ng.galore"}
   for r in rows:
     # The breakdown only understands ngalore_jax's own state types.
     part = ((lambda k: f"{r[k] / unit:.3f}") if r["optimizer"].startswith("ng.")
             else (lambda k: "-"))
     cells = [f"{r['preset']} ({r['rank']})", r["optimizer"], f"{r['param_bytes'] / unit:.3f}",
              f"{r['total'] / unit:.3f}", f"{r['total'] / adamw[r['preset']]:.2f}",
-             part("projectors"), part("inner_state"), part("history"), part("other")]
+             f"{r['total'] / galore[r['preset']]:.2f}" if r["preset"] in galore else "-",
+             part("projectors"), part("inner_state"), part("history"), part("curvature"),
+             part("other")]
     if mesh is not None:
       cells.append(f"{r['per_device_state_bytes'] / unit:.3f}")
     print("| " + " | ".join(cells) + " |")
