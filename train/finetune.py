@@ -641,17 +641,30 @@ def export_hf(s: Any, params: Any, directory: str | os.PathLike) -> None:
   merged = jax.device_get(jax.jit(lambda p: steps.model_params(p, s.parametrization))(params))
   directory = pathlib.Path(directory)
   models.save_hf_llama(nnx.merge(s.graphdef, merged), directory)
-  tokenizer = s.tokenizer
+  write_tokenizer_files(s.tokenizer, directory, s.model_config.max_position_embeddings)
+
+
+def write_tokenizer_files(tokenizer: Any, directory: str | os.PathLike,
+                          max_positions: Optional[int] = None) -> None:
+  """Writes a chat tokenizer (a GGUF file's or a :class:`ChatTokenizer`) for ``transformers``.
+
+  Files: ``tokenizer.json``, ``tokenizer_config.json`` (``PreTrainedTokenizerFast``, the chat
+  template, the special tokens) and ``generation_config.json`` (the end-of-turn ids as
+  ``eos_token_id``, so that ``generate`` stops where :func:`models.generate` does).
+  """
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   (directory / "tokenizer.json").write_text(
       tokenizer._tok.to_str(pretty=True), encoding="utf-8")  # pylint: disable=protected-access
   special = dict(tokenizer.special_tokens)
   tokenizer_config = {
       "tokenizer_class": "PreTrainedTokenizerFast",
       "chat_template": tokenizer.chat_template,
-      "model_max_length": s.model_config.max_position_embeddings,
       "clean_up_tokenization_spaces": False,
       **{key: value for key, value in special.items() if value is not None},
   }
+  if max_positions is not None:
+    tokenizer_config["model_max_length"] = max_positions
   (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2),
                                                     encoding="utf-8")
   generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
