@@ -16,9 +16,9 @@ Failures are reported as :class:`CheckpointError` with a one-line message:
   and moves the damaged ones aside as ``<step>.damaged`` so that the resumed
   run can save those steps again.
 
-Orbax logs its own failures with full tracebacks; while a :class:`Checkpointer`
-is open these records are dropped, since every failure reaches the caller as an
-exception.
+Orbax logs its own failures with full tracebacks, and a failed read leaves
+dozens of abandoned reads that print theirs; while a :class:`Checkpointer` is
+open both are dropped, since every failure reaches the caller as an exception.
 
 Orbax refuses zero-size arrays (``optax.contrib.galore`` keeps empty
 projectors for unprojected leaves): they are saved as ``None`` and rebuilt

@@ -42,9 +42,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     name = "Ctrl-C" if summary.get("signal") == signal.SIGINT else (
         signal.Signals(summary["signal"]).name if summary.get("signal") else "signal")
     saved = summary["last_checkpoint"]
-    head = (f"Interrupted ({name}) at step {done}/{total}; "
-            + (f"checkpoint {saved} saved; " if saved is not None else "nothing to save; ")
-            + "rerun the same command to resume.")
+    kept = ("no checkpoint" if saved is None else f"checkpoint {saved} saved" if saved == done
+            else f"newest checkpoint {saved}")
+    head = f"Interrupted ({name}) at step {done}/{total}; {kept}; rerun the same command to resume."
   elif summary["stopped_early"]:
     head = f"Stopped at step {done}/{total} (--stop-at); rerun without it to resume."
   else:
