@@ -281,6 +281,12 @@ def test_an_init_that_is_no_llama_is_one_line(files, tmp_path, capsys):
   args[args.index("--init") + 1] = str(bert)
   assert _error(capsys, args) == (f"error: --init {bert}: model_type 'bert' in config.json is "
                                   "not a Hugging Face LLaMA ('llama')")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  args[args.index("--init") + 1] = str(empty)
+  assert _error(capsys, args) == (f"error: --init {empty}: neither model.safetensors nor "
+                                  "model.safetensors.index.json in the directory")
   args[args.index("--init") + 1] = str(tmp_path / "nowhere.gguf")
   assert "no such file or directory" in _error(capsys, args)
 

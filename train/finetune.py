@@ -199,8 +199,8 @@ class ChatTokenizer:
     path = directory / "tokenizer.json"
     try:
       self._tok = tokenizers.Tokenizer.from_str(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, Exception) as e:  # pylint: disable=broad-except
-      # tokenizers reports a malformed file as a bare Exception.
+    except Exception as e:  # pylint: disable=broad-except
+      # tokenizers reports a malformed file as a bare Exception; a missing one is an OSError.
       raise ValueError(f"{path}: not a readable Hugging Face tokenizer.json"
                        f" ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     config = _read_json(directory / "tokenizer_config.json")
@@ -284,11 +284,18 @@ class Init:
   tokenizer: Any
 
   def load_params(self, **overrides: Any) -> Any:
-    """The model's parameters (``models.llama`` layout), read from the file."""
+    """The model's parameters (``models.llama`` layout), read from the file.
+
+    Raises:
+      ConfigError: the tensors do not match the config (one line).
+    """
     import models  # pylint: disable=import-outside-toplevel
     from models import llama  # pylint: disable=import-outside-toplevel
     load = models.load_gguf_llama if self.kind == "gguf" else models.load_hf_llama
-    return llama.split_params(load(self.path, **overrides))[1]
+    try:
+      return llama.split_params(load(self.path, **overrides))[1]
+    except (OSError, KeyError, ValueError, NotImplementedError) as e:
+      raise ConfigError(f"--init {self.path}: cannot load its weights: {e}") from e
 
 
 def load_init(path: Optional[str], cache_dir: Optional[str] = None) -> Init:
@@ -326,6 +333,9 @@ def load_init(path: Optional[str], cache_dir: Optional[str] = None) -> Init:
     if kind != "llama":
       raise ConfigError(f"--init {shown}: model_type {kind!r} in config.json is not a Hugging "
                         "Face LLaMA ('llama')")
+    if not any((where / name).is_file() for name in (hf_lib.WEIGHTS_FILE, hf_lib.INDEX_FILE)):
+      raise ConfigError(f"--init {shown}: neither {hf_lib.WEIGHTS_FILE} nor {hf_lib.INDEX_FILE}"
+                        " in the directory")
     try:
       model_cfg = hf_lib.config_from_hf(hf)
       tokenizer = ChatTokenizer(where)
