@@ -337,7 +337,9 @@ def tfds_dataset(name: str, *, data_dir: str | os.PathLike | None = None) -> Cor
   where = str(data_dir) if data_dir else "tfds's default data_dir"
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # tfds raises several types, with long listings of its catalogue.
+  # tfds raises DatasetNotFoundError (a ValueError) for unknown names and configs, ValueError for
+  # malformed names and AssertionError for an unknown version, with long catalogue listings.
+  except (ValueError, AssertionError, OSError) as e:
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise FileNotFoundError(f"tfds dataset {name!r} not found in {where}: {first_line}") from None
   if not builder.is_prepared():
