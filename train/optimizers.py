@@ -16,8 +16,8 @@ Examples:
   >>> config = make("galore", rank=16)
   >>> config.name, config.rank, config.update_proj_gap
   ('galore', 16, 100)
-  >>> sorted(REGISTRY)[:3]
-  ['adamw', 'galore', 'natural_galore']
+  >>> {"adamw", "galore", "natural_galore"} <= set(REGISTRY)
+  True
 """
 
 from __future__ import annotations
