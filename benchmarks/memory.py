@@ -92,6 +92,15 @@ def compiled_step_memory(tx, graphdef, abstract_params, batch, seq):
   tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
   train_step = steps.make_train_step(graphdef, tx, optax.constant_schedule(1e-3))
   compiled = jax.jit(train_step, donate_argnums=0).lower(abstract_state, tokens).compile()
+  return memory_analysis_bytes(compiled)
+
+
+def memory_analysis_bytes(compiled):
+  """XLA's ``memory_analysis()`` of a compiled function, in bytes, with a peak estimate.
+
+  The peak estimate is arguments plus outputs, less the donated (aliased) buffers, plus
+  temporaries. Also used by ``benchmarks.finetune`` on the trainer's own compiled step.
+  """
   analysis = compiled.memory_analysis()
   return {
       "argument_bytes": analysis.argument_size_in_bytes,
