@@ -33,6 +33,8 @@ import optax
 import ngalore_jax as ng
 from models import llama
 from train import lora as lora_lib
+from train import low_rank as low_rank_lib
+from train import relora as relora_lib
 
 #: name -> config class, filled by :func:`register`.
 REGISTRY: dict[str, type["OptimizerConfig"]] = {}
@@ -110,6 +112,10 @@ class OptimizerConfig:
     """
     del projected
     return None
+
+  def wrap_schedule(self, schedule: optax.Schedule) -> optax.Schedule:
+    """The learning-rate schedule this optimizer runs with, given the run's (ReLoRA's jags)."""
+    return schedule
 
 
 @register
@@ -355,6 +361,81 @@ class LoRAConfig(AdamWConfig):
                          projected=projected)
 
 
+@register
+@dataclasses.dataclass(frozen=True)
+class LowRankFactorsConfig(AdamWConfig):
+  """Low-rank pretraining: AdamW on factors ``W = A B`` of the attention/MLP kernels.
+
+  The kernels are replaced by trained factor pairs (:class:`train.low_rank.LowRank`, from
+  :meth:`parametrization`); the other parameters train densely.
+  """
+
+  name: ClassVar[str] = "low_rank"
+  description: ClassVar[str] = ("low-rank pretraining: AdamW on factors W = A B of the "
+                                "attention/MLP kernels, other parameters dense")
+
+  rank: int = option(64, "projection rank (at most the model width)", type=int)
+
+  def validate(self, model_config: Any) -> None:
+    super().validate(model_config)
+    if self.rank < 1:
+      raise ValueError(f"`rank` must be an integer >= 1, got {self.rank}")
+    width = getattr(model_config, "hidden_size", None)
+    if width is not None and self.rank > width:
+      raise ValueError(f"`rank` {self.rank} exceeds the model width (hidden_size {width})")
+
+  def parametrization(self, projected=llama.galore_mask):
+    return low_rank_lib.LowRank(rank=self.rank, projected=projected)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ReLoRAConfig(AdamWConfig):
+  """ReLoRA: LoRA on the attention/MLP kernels, merged into them and reset periodically.
+
+  AdamW trains the adapters and the parameters without adapters; every
+  ``relora_reset_every`` steps :class:`train.relora.ReLoRA` merges the adapters into the kernels,
+  re-initialises them and prunes their moments, and the learning rate re-warms up
+  (:func:`train.relora.jagged_schedule`).
+  """
+
+  name: ClassVar[str] = "relora"
+  description: ClassVar[str] = ("ReLoRA: AdamW on LoRA adapters merged into the kernels every "
+                                "--relora-reset-every steps, jagged learning rate")
+
+  rank: int = option(64, "projection rank (at most the model width)", type=int)
+  lora_alpha: float = option(32.0, "LoRA scale numerator: the adapters' product A B is scaled by "
+                             "lora_alpha / rank", type=float)
+  relora_reset_every: int = option(200, "ReLoRA: steps between merges of the adapters into the "
+                                   "kernels (then re-initialised)", type=int)
+  relora_prune: float = option(0.99, "ReLoRA: fraction of the adapters' optimizer moments zeroed "
+                               "(smallest magnitudes) at each reset, in [0, 1)", type=float)
+  relora_warmup_steps: int = option(50, "ReLoRA: linear learning-rate re-warm-up after each "
+                                    "reset (0: none)", type=int)
+
+  def validate(self, model_config: Any) -> None:
+    super().validate(model_config)
+    if self.rank < 1:
+      raise ValueError(f"`rank` must be an integer >= 1, got {self.rank}")
+    width = getattr(model_config, "hidden_size", None)
+    if width is not None and self.rank > width:
+      raise ValueError(f"`rank` {self.rank} exceeds the model width (hidden_size {width})")
+    if self.relora_warmup_steps < 0:
+      raise ValueError(f"`relora_warmup_steps` must be >= 0, got {self.relora_warmup_steps}")
+    self.parametrization()  # rank, alpha, reset_every, prune
+
+  def parametrization(self, projected=llama.galore_mask):
+    return relora_lib.ReLoRA(rank=self.rank, alpha=self.lora_alpha, others="trained",
+                             projected=projected, reset_every=self.relora_reset_every,
+                             prune=self.relora_prune)
+
+  def wrap_schedule(self, schedule):
+    if self.relora_warmup_steps < 0:
+      raise ValueError(f"`relora_warmup_steps` must be >= 0, got {self.relora_warmup_steps}")
+    return relora_lib.jagged_schedule(schedule, self.relora_reset_every,
+                                      self.relora_warmup_steps)
+
+
 def _build_alias(config: OptimizerConfig, learning_rate, projected, decayed):
   """``config.alias(learning_rate, mask=..., weight_decay_mask=..., **given options)``."""
   options = config.given_options()
@@ -421,18 +502,22 @@ def flag_message(message: str) -> str:
 def learning_rate_schedule(config: Any) -> optax.Schedule:
   """Linear warm-up from 0 to ``lr``, then cosine decay to ``lr * final_lr_ratio``.
 
+  The optimizer may reshape it (:meth:`OptimizerConfig.wrap_schedule`: ReLoRA's re-warm-ups).
+
   Examples:
     >>> from train.config import TrainConfig
     >>> schedule = learning_rate_schedule(TrainConfig(steps=100, warmup_steps=10, lr=1.0))
     >>> float(schedule(10)), round(float(schedule(100)), 6)
     (1.0, 0.1)
   """
-  return optax.warmup_cosine_decay_schedule(
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=config.lr,
       warmup_steps=config.warmup_steps,
       decay_steps=config.steps,
       end_value=config.lr * config.final_lr_ratio)
+  optimizer = getattr(config, "optimizer", None)
+  return schedule if optimizer is None else optimizer.wrap_schedule(schedule)
 
 
 def with_clipping(tx: optax.GradientTransformation,

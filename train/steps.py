@@ -93,7 +93,10 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
       ``[B, T + 1]`` token batch unless given (:func:`masked_cross_entropy` for fine-tuning).
     parametrization: ``None`` (``state.params`` are the model parameters, all trained) or a
       :class:`train.lora.Parametrization`: the gradient is taken with respect to its trainable
-      part only, and the model computes with ``parametrization.merge(state.params)``.
+      part only, and the model computes with ``parametrization.merge(state.params)``. If it
+      has ``after_update(step, held, opt_state, key)`` (:class:`train.relora.ReLoRA`), that is
+      applied to the held tree and optimizer state after each update, with ``step`` the count
+      after the update and ``key`` derived from ``state.rng``.
   """
 
   def train_step(state: TrainState, batch: Any, lr_scale: Optional[jax.Array] = None):
@@ -109,9 +112,13 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: o
     if lr_scale is not None:
       updates = jax.tree.map(lambda u: (lr_scale * u).astype(u.dtype), updates)
     params = optax.apply_updates(trainable, updates)
+    rng, step_key = jax.random.split(state.rng)
     if parametrization is not None:
       params = parametrization.combine(params, frozen)
-    rng, _ = jax.random.split(state.rng)
+      after_update = getattr(parametrization, "after_update", None)
+      if after_update is not None:  # e.g. ReLoRA's periodic merge (train.relora)
+        params, opt_state = after_update(state.step + 1, params, opt_state,
+                                         jax.random.fold_in(step_key, 1))
     metrics = {
         "train_loss": loss_value,
         "grad_norm": optax.tree.norm(grads),
