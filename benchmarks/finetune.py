@@ -216,6 +216,7 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "runs": runs, "seeds": seeds, "lrs": sorted({runs[s]["lr"] for s in seeds}),
         "final": [runs[s]["accuracy_final"] for s in seeds],
         "step0": [runs[s]["accuracy_step0"] for s in seeds if runs[s]["accuracy_step0"] is not None],
+        "parsed": [runs[s]["parsed_final"] for s in seeds],
         "delta": [runs[s]["accuracy_final"] - base[s]["accuracy_final"] for s in paired],
         "optimizer_state_bytes": first["optimizer_state_bytes"],
         "trainable_param_bytes": first["trainable_param_bytes"],
@@ -236,7 +237,7 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
   setting = data.get("setting", {})
   base = rows.get(BASELINE)
   header = ["optimizer", "lr", "seeds", "acc @ step 0 (%)", "acc final (%)",
-            f"Δ acc vs {BASELINE} (pts, paired)", "optimizer state (MiB)",
+            f"Δ acc vs {BASELINE} (pts, paired)", "parsed final (%)", "optimizer state (MiB)",
             "trainable params (MiB)", "XLA peak step (MiB)", f"peak vs {BASELINE}", "tokens/s"]
   table = []
   for name, r in rows.items():
@@ -245,6 +246,7 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
         _mean_std(r["step0"], 100), _mean_std(r["final"], 100),
         "-" if name == BASELINE or not r["delta"] else
         f"{_mean_std(r['delta'], 100)} (n={len(r['delta'])})",
+        _mean_std(r["parsed"], 100),
         f"{r['optimizer_state_bytes'] / MIB:.2f}", f"{r['trainable_param_bytes'] / MIB:.2f}",
         f"{r['xla_peak'] / MIB:.1f}",
         f"{r['xla_peak'] / base['xla_peak']:.2f}" if base else "-",
@@ -254,7 +256,7 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
       f"Fine-tuning for function calling: {setting.get('steps')} steps, batch "
       f"{setting.get('batch_size')} x {setting.get('seq_len')} tokens, rank {setting.get('rank')},"
       f" held-out accuracy over {setting.get('eval_examples') or 'all'} examples "
-      f"(greedy, BFCL AST rules); learning rates untuned unless swept.",
+      f"(greedy, BFCL AST rules); peak learning rates as listed (untuned defaults unless --lrs).",
       f"Dropped as longer than --seq-len {setting.get('seq_len')}: {skipped[0]} of {skipped[1]} "
       f"training and {skipped[2]} of {skipped[3]} held-out examples.",
       "", _common.markdown_table(header, table), ""]
@@ -301,7 +303,9 @@ def _plot(path: pathlib.Path, rows: dict[str, dict[str, Any]], setting: dict[str
   for ax in (acc_ax, mem_ax):
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+  top = max(a * 100 for r in rows.values() for a in r["final"] + r["step0"])
+  acc_ax.set_ylim(0, min(100, max(5, top * 1.15)))
   acc_ax.set_ylabel("held-out accuracy (%)")
   acc_ax.set_title(f"BFCL accuracy after {setting.get('steps')} steps")
   mem_ax.set_ylabel("MiB")
