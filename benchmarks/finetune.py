@@ -31,7 +31,10 @@ draws ``benchmarks/results/finetune.png`` (accuracy per optimizer, one dot per s
 memory).
 
 The default learning rates (:data:`DEFAULT_LRS`) are UNTUNED guesses (LoRA and the low-rank
-projections usually want a larger step than full AdamW); pass ``--lrs`` to change them.
+projections usually want a larger step than full AdamW); pass ``--lrs`` to change them. Runs at
+other learning rates join the same results file (the key is optimizer, lr and seed), so a small
+sweep is several commands; the table then has one row per optimizer and lr, and the LoRA row the
+others are paired with is LoRA's best.
 
 Run (SmolLM2-135M-Instruct and BFCL are fetched once; CPU-sized, hours on a few cores):
 
@@ -198,24 +201,42 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
   return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
-def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-  """Per optimizer: its runs by seed and the figures of the table (accuracies as fractions)."""
-  by_opt: dict[str, dict[int, dict[str, Any]]] = {}
+def _order(name: str) -> tuple:
+  known = name in DEFAULT_OPTIMIZERS
+  return (not known, DEFAULT_OPTIMIZERS.index(name) if known else 0, name)
+
+
+def summarize(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Optional[str]]:
+  """The table's rows and the label of the LoRA row the others are paired with.
+
+  A row is one optimizer at one learning rate (labelled ``name`` when the file holds a single
+  learning rate of it, else ``name @ lr``), with its runs by seed and the figures of the table
+  (accuracies as fractions). With several LoRA learning rates, the baseline is the one of the
+  best mean final accuracy: the comparison favours LoRA, never the other way.
+  """
+  groups: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
   for record in data.get("runs", {}).values():
-    by_opt.setdefault(record["optimizer"], {})[record["seed"]] = record
-  base = by_opt.get(BASELINE, {})
+    groups.setdefault((record["optimizer"], record["lr"]), {})[record["seed"]] = record
+  lr_count: dict[str, int] = {}
+  for name, _ in groups:
+    lr_count[name] = lr_count.get(name, 0) + 1
+  label = {key: key[0] if lr_count[key[0]] == 1 else f"{key[0]} @ {key[1]:g}" for key in groups}
+  mean_final = {key: statistics.fmean(r["accuracy_final"] for r in runs.values())
+                for key, runs in groups.items()}
+  lora = [key for key in groups if key[0] == BASELINE]
+  base_key = max(lora, key=lambda k: (mean_final[k], len(groups[k]))) if lora else None
+  base = groups[base_key] if base_key else {}
   out = {}
-  for name in sorted(by_opt, key=lambda n: (n not in DEFAULT_OPTIMIZERS,
-                                            DEFAULT_OPTIMIZERS.index(n)
-                                            if n in DEFAULT_OPTIMIZERS else 0, n)):
-    runs = by_opt[name]
+  for key in sorted(groups, key=lambda k: (_order(k[0]), k[1])):
+    runs = groups[key]
     seeds = sorted(runs)
     paired = [s for s in seeds if s in base]
     first = runs[seeds[0]]
-    out[name] = {
-        "runs": runs, "seeds": seeds, "lrs": sorted({runs[s]["lr"] for s in seeds}),
+    out[label[key]] = {
+        "optimizer": key[0], "lr": key[1], "runs": runs, "seeds": seeds,
         "final": [runs[s]["accuracy_final"] for s in seeds],
-        "step0": [runs[s]["accuracy_step0"] for s in seeds if runs[s]["accuracy_step0"] is not None],
+        "step0": [runs[s]["accuracy_step0"] for s in seeds
+                  if runs[s]["accuracy_step0"] is not None],
         "parsed": [runs[s]["parsed_final"] for s in seeds],
         "delta": [runs[s]["accuracy_final"] - base[s]["accuracy_final"] for s in paired],
         "optimizer_state_bytes": first["optimizer_state_bytes"],
@@ -225,26 +246,26 @@ def summarize(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "skipped": (first["skipped_train"], first["train_examples"] + first["skipped_train"],
                     first["skipped_eval"], first["held_out_examples"] + first["skipped_eval"]),
     }
-  return out
+  return out, (label[base_key] if base_key else None)
 
 
 def report(out: pathlib.Path, plot: bool = True) -> str:
   """The markdown report of a results file (and its plot next to it, ``.png``)."""
   data = _common.read_json(out)
-  rows = summarize(data)
+  rows, base_label = summarize(data)
   if not rows:
     return f"no runs in {out}"
   setting = data.get("setting", {})
-  base = rows.get(BASELINE)
+  base = rows[base_label] if base_label else None
   header = ["optimizer", "lr", "seeds", "acc @ step 0 (%)", "acc final (%)",
             f"Δ acc vs {BASELINE} (pts, paired)", "parsed final (%)", "optimizer state (MiB)",
             "trainable params (MiB)", "XLA peak step (MiB)", f"peak vs {BASELINE}", "tokens/s"]
   table = []
   for name, r in rows.items():
     table.append([
-        name, ",".join(f"{lr:g}" for lr in r["lrs"]), len(r["seeds"]),
+        name, f"{r['lr']:g}", len(r["seeds"]),
         _mean_std(r["step0"], 100), _mean_std(r["final"], 100),
-        "-" if name == BASELINE or not r["delta"] else
+        "-" if name == base_label or not r["delta"] else
         f"{_mean_std(r['delta'], 100)} (n={len(r['delta'])})",
         _mean_std(r["parsed"], 100),
         f"{r['optimizer_state_bytes'] / MIB:.2f}", f"{r['trainable_param_bytes'] / MIB:.2f}",
@@ -260,14 +281,17 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
       f"Dropped as longer than --seq-len {setting.get('seq_len')}: {skipped[0]} of {skipped[1]} "
       f"training and {skipped[2]} of {skipped[3]} held-out examples.",
       "", _common.markdown_table(header, table), ""]
+  if base_label and base_label != BASELINE:
+    lines.insert(2, f"Baseline: {base_label}, the best mean final accuracy of {BASELINE}'s "
+                    "learning rates in the file.")
   if base:
     for name, r in rows.items():
-      if name == BASELINE or not r["delta"]:
+      if name == base_label or not r["delta"]:
         continue
       delta = statistics.fmean(r["delta"])
       wins = sum(d > 0 for d in r["delta"])
       lines.append(
-          f"- {name} vs {BASELINE}: accuracy {delta * 100:+.1f} pts (wins {wins} of "
+          f"- {name} vs {base_label}: accuracy {delta * 100:+.1f} pts (wins {wins} of "
           f"{len(r['delta'])} seeds); optimizer state {r['optimizer_state_bytes'] / MIB:.2f} vs "
           f"{base['optimizer_state_bytes'] / MIB:.2f} MiB; XLA peak step {r['xla_peak'] / MIB:.1f}"
           f" vs {base['xla_peak'] / MIB:.1f} MiB -> "
