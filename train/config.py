@@ -136,8 +136,8 @@ def _positive_float(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
   value = float(text)
-  if not value >= 0:
-    raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+  if not (math.isfinite(value) and value >= 0):
+    raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
   return value
 
 
@@ -214,7 +214,8 @@ _EPILOG = """\
 outputs (under --workdir): config.json (resolved flags and model), metrics.jsonl
 (one line per logged step; evaluation lines add eval_loss and eval_perplexity),
 tensorboard/, checkpoints/ (orbax). Rerunning with the same --workdir resumes
-from the newest checkpoint; Ctrl-C saves one and exits.
+from the newest checkpoint; Ctrl-C or SIGTERM saves the step in flight and exits
+(130 / 143); divergence stops the run (exit 1).
 
 examples:
   python -m train.pretrain                      # make train: tiny, natural_galore, Shakespeare

@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import sys
 
 # As in train.pretrain: OpenBLAS threads spin-wait inside LAPACK on a shared CPU.
@@ -727,34 +726,23 @@ def _initial_accuracy(path: str) -> Optional[float]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs ``python -m train.finetune`` with ``argv``; returns the exit status."""
   config = from_argv(argv)
-  # pylint: disable-next=import-outside-toplevel  (imports jax)
-  from train import build, checkpointing, loop
+  from train import loop  # pylint: disable=import-outside-toplevel  (imports jax)
   built: list[Any] = []
 
   def make_setup(c: FinetuneConfig) -> Any:
     built.append(setup(c))
     return built[-1]
 
-  try:
-    build.maybe_initialize_distributed(config)
+  def run() -> dict[str, Any]:
     summary = loop.train_and_evaluate(config, setup=make_setup)
     summary["initial_eval_accuracy"] = _initial_accuracy(summary["metrics"])
     if config.export_hf and not summary["interrupted"] and not summary["stopped_early"]:
       _export_final(built[-1], config.export_hf)
       summary["exported"] = os.path.abspath(config.export_hf)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (loop.TrainingError, checkpointing.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt as e:
-    signum = getattr(e, "signum", signal.SIGINT)
-    print(f"\n{loop.signal_name(signum)}: aborted; rerun the same command to resume from the"
-          " newest complete checkpoint", file=sys.stderr)
-    return 128 + signum
-  print(format_summary(summary), flush=True)
-  return 128 + summary["signal"] if summary["interrupted"] else 0
+    return summary
+
+  from train import pretrain  # pylint: disable=import-outside-toplevel
+  return pretrain.run_to_exit_status(config, run, format_summary)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 # On a shared CPU, OpenBLAS's threads spin-wait inside LAPACK: one 512 x 1376 SVD took 4-14 s
 # instead of 0.09 s (benchmarks/README.md). It must be set before numpy/jax load OpenBLAS.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from train import config as config_lib
 from train.config import ConfigError
@@ -75,14 +75,27 @@ def format_summary(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs ``python -m train.pretrain`` with ``argv``; returns the exit status."""
-  config = config_lib.from_argv(argv)
+def run_to_exit_status(config: Any, run: Callable[[], dict[str, Any]],
+                       summarize: Callable[[dict[str, Any]], str] = format_summary) -> int:
+  """Runs a training entry point and turns its outcome into an exit status and messages.
+
+  Shared by every entry point (``train.pretrain``, ``train.finetune``): 0 when finished, 2 and
+  one ``error:`` line for a bad flag, 1 for divergence or a failed checkpoint, ``128 + signal``
+  when interrupted (after the step in flight was saved) or aborted by a second signal.
+
+  Args:
+    config: the parsed configuration (for a multi-process launch).
+    run: trains and returns the summary.
+    summarize: formats the summary printed at the end.
+
+  Returns:
+    The process exit status.
+  """
   # pylint: disable-next=import-outside-toplevel  (imports jax)
   from train import build, checkpointing, loop
   try:
     build.maybe_initialize_distributed(config)
-    summary = loop.train_and_evaluate(config)
+    summary = run()
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -94,8 +107,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\n{loop.signal_name(signum)}: aborted; rerun the same command to resume from the"
           " newest complete checkpoint", file=sys.stderr)
     return 128 + signum
-  print(format_summary(summary), flush=True)
+  print(summarize(summary), flush=True)
   return 128 + summary["signal"] if summary["interrupted"] else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs ``python -m train.pretrain`` with ``argv``; returns the exit status."""
+  config = config_lib.from_argv(argv)
+  from train import loop  # pylint: disable=import-outside-toplevel  (imports jax)
+  return run_to_exit_status(config, lambda: loop.train_and_evaluate(config))
 
 
 if __name__ == "__main__":
