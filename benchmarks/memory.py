@@ -57,6 +57,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "natural_galore", {"proj_type": "reverse_std", "preconditioner": "kronecker"}),
     "ng.galore (full)": ("galore", {"proj_type": "full"}),
     "ng.natural_galore (authors' code settings)": ("natural_galore_official", {}),
+    # Reparametrised baselines: params are what they hold (factors / base + adapters), the state
+    # is AdamW's over their trainable part (train.low_rank, train.relora).
+    "low_rank": ("low_rank", {}),
+    "relora": ("relora", {}),
 }
 
 
@@ -64,6 +68,13 @@ def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:
   """The optimizers compared, built by the trainer's registry at the paper's rank."""
   return {label: train_optimizers.make(name, **options, **({} if name == "adamw" else
                                                            {"rank": rank})).build(1e-3)
+          for label, (name, options) in VARIANTS.items()}
+
+
+def parametrizations(rank: int) -> dict[str, Any]:
+  """label -> the variant's ``train.lora.Parametrization`` (``None``: it trains the params)."""
+  return {label: train_optimizers.make(name, **options, **({} if name == "adamw" else
+                                                           {"rank": rank})).parametrization()
           for label, (name, options) in VARIANTS.items()}
 
 
@@ -130,14 +141,23 @@ def main(argv=None):
     config = dataclasses.replace(llama.CONFIGS[preset], param_dtype=args.param_dtype)
     graphdef, params = llama.abstract_params(config)
     rank = PAPER_RANKS[preset]
-    param_bytes = ng.tree_bytes(params)
+    reparametrised = parametrizations(rank)
     for name, tx in optimizers(rank).items():
-      state = jax.eval_shape(tx.init, params)
+      parametrization = reparametrised[name]
+      if parametrization is None:
+        held, trainable = params, params
+      else:  # the held tree replaces the params; the optimizer sees its trainable part only
+        held = jax.eval_shape(parametrization.init, params, jax.random.PRNGKey(0))
+        trainable = parametrization.split(held)[0]
+      state = jax.eval_shape(tx.init, trainable)
       row = {"preset": preset, "rank": rank, "param_dtype": args.param_dtype,
-             "optimizer": name, "param_bytes": param_bytes, **ng.optimizer_state_bytes(state)}
-      if mesh is not None:
+             "optimizer": name, "param_bytes": ng.tree_bytes(held),
+             **ng.optimizer_state_bytes(state)}
+      # FSDP and XLA figures of a reparametrised step are not computed (plain params only).
+      if mesh is not None and parametrization is None:
         row["per_device_state_bytes"] = per_device_bytes(tx, params, mesh)
-      if args.compiled and preset in args.compiled_presets.split(","):
+      if (args.compiled and preset in args.compiled_presets.split(",")
+          and parametrization is None):
         row.update({f"xla_{k}": v for k, v in compiled_step_memory(
             tx, graphdef, params, args.batch, args.seq).items()})
       rows.append(row)
@@ -172,7 +192,8 @@ def print_tables(rows, mesh):
              part("projectors"), part("inner_state"), part("history"), part("curvature"),
              part("other")]
     if mesh is not None:
-      cells.append(f"{r['per_device_state_bytes'] / unit:.3f}")
+      per_device = r.get("per_device_state_bytes")
+      cells.append("-" if per_device is None else f"{per_device / unit:.3f}")
     print("| " + " | ".join(cells) + " |")
   if any("xla_temp_bytes" in r for r in rows):
     print("\nXLA memory_analysis of the compiled train step (MiB)\n")

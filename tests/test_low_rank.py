@@ -110,3 +110,20 @@ def test_pretraining_trains_the_factors_and_holds_no_dense_kernel(tmp_path):
   # AdamW's moments cover the factors, not dense kernels
   mu_shapes = {tuple(x.shape) for x in jax.tree.leaves(last.opt_state)}
   assert (32, 64) not in mu_shapes and (4, 64) in mu_shapes
+
+
+def test_memory_benchmark_accounts_the_reparametrised_baselines(tmp_path, capsys):
+  """60m (d 512, ffn 1376, 8 layers) at rank 128: independent parameter counts (float32)."""
+  from benchmarks import memory  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "memory.json"
+  memory.main(["--presets", "60m", "--out", str(out)])
+  capsys.readouterr()
+  rows = {r["optimizer"]: r for r in json.loads(out.read_text())}
+  dense = 8 * (4 * 512 * 512 + 3 * 512 * 1376)
+  factors = 8 * (4 * (512 * 128 + 128 * 512) + 3 * (512 * 128 + 128 * 1376))
+  full = rows["adamw"]["param_bytes"]
+  assert rows["low_rank"]["param_bytes"] == full + 4 * (factors - dense)
+  assert rows["relora"]["param_bytes"] == full + 4 * factors  # base + adapters
+  trainable = full + 4 * (factors - dense)  # both: factors/adapters + the other params
+  for name in ("low_rank", "relora"):
+    assert rows[name]["total"] == 2 * trainable + 4  # AdamW's two moments and its count
