@@ -66,6 +66,10 @@ class Parametrization(Protocol):
   Every method is a pure function of pytrees (usable inside ``jax.jit``); ``split`` and
   ``combine`` depend only on the tree's structure, so they also apply to a tree of shardings or
   of ``jax.ShapeDtypeStruct`` laid out like the held tree.
+
+  A parametrisation may also define ``after_update(step, held, opt_state, key) -> (held,
+  opt_state)``, applied by the train step after every update (:class:`train.relora.ReLoRA`'s
+  periodic merge); :class:`train.low_rank.LowRank` factorises the kernels with no base at all.
   """
 
   def init(self, params: Any, key: jax.Array) -> Any:
