@@ -27,7 +27,7 @@ train: $(STAMP)
 	$(PY) -m train.pretrain
 
 test: $(STAMP)
-	$(PY) -m pytest -q --doctest-modules ngalore_jax models train tests
+	$(PY) -m pytest -q -n 2 --doctest-modules ngalore_jax models train tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.memory

@@ -123,7 +123,7 @@ def test_ctrl_c_saves_and_a_rerun_resumes_exactly(runs, corpus, tmp_path, monkey
   partial = workdir / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
   shutil.copytree(workdir / "checkpoints" / "4", partial)
   for name in ("commit_success.txt", "_CHECKPOINT_METADATA"):
-    (partial / name).unlink()
+    (partial / name).unlink(missing_ok=True)  # orbax writes the first only on some file systems
   shutil.rmtree(partial / "state" / "d")
 
   assert pretrain.main(_args(workdir, corpus, "--optimizer", "natural_galore")) == 0
