@@ -164,6 +164,12 @@ class LowRankConfig(AdamWConfig):
     if width is not None and self.rank > width:
       raise ValueError(f"`rank` {self.rank} exceeds the model width (hidden_size {width})")
 
+  alias: ClassVar[Optional[Callable[..., optax.GradientTransformation]]] = None
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    """``alias(learning_rate, mask=projected, weight_decay_mask=decayed, **given options)``."""
+    return _build_alias(self, learning_rate, projected, decayed)
+
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +189,6 @@ class GaLoreConfig(LowRankConfig):
                                      choices=ng.SVD_METHODS)
 
   alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.galore)
-
-  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
-    return _build_alias(self, learning_rate, projected, decayed)
 
 
 @register
@@ -226,7 +229,6 @@ class NaturalGaLoreOfficialConfig(LowRankConfig):
   description: ClassVar[str] = (
       "ng.natural_galore with ng.OFFICIAL_CODE_SETTINGS (two-sided projection, history 20, "
       "damping 1e-3, Adam eps 1e-6, refresh keep)")
-  alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.natural_galore)
 
   eps: Optional[float] = option(None, "Adam epsilon", type=float)
 
@@ -255,14 +257,17 @@ class OptaxGaLoreConfig(LowRankConfig):
         weight_dimension_numbers=dimension_numbers)
 
 
+def _norm_growth_limit_option() -> Any:
+  return option(None, "Fira's norm-growth limiter gamma (>= 1): a step's norm may grow at most "
+                "by this factor", type=float)
+
+
 @dataclasses.dataclass(frozen=True)
 class _LimitedConfig(LowRankConfig):
   """Options of the optimizers with Fira's norm-growth limiter; Adam's eps is the authors'."""
 
   eps: Optional[float] = option(None, "Adam epsilon", type=float)
-  norm_growth_limit: Optional[float] = option(
-      None, "Fira's norm-growth limiter gamma (>= 1): a step's norm may grow at most by this "
-      "factor", type=float)
+  norm_growth_limit: Optional[float] = _norm_growth_limit_option()
   proj_type: Optional[str] = option(
       None, "which side holds the projector (std: the smaller side, galore-torch's)", type=str,
       choices=ng.PROJ_TYPES)
@@ -276,9 +281,6 @@ class FiraConfig(_LimitedConfig):
   name: ClassVar[str] = "fira"
   description: ClassVar[str] = "ng.fira: GaLore-Adam plus the scaled residual (Fira)"
   alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.fira)
-
-  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
-    return _build_alias(self, learning_rate, projected, decayed)
 
 
 @register
@@ -296,9 +298,6 @@ class ApolloConfig(_LimitedConfig):
   projection: Optional[str] = option(None, "random (regenerated from a seed) or svd projection",
                                      type=str, choices=ng.APOLLO_PROJECTIONS)
 
-  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
-    return _build_alias(self, learning_rate, projected, decayed)
-
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -313,9 +312,7 @@ class ApolloMiniConfig(AdamWConfig):
   update_proj_gap: int = option(100, "steps between projector refreshes (SVD of the gradient)",
                                 type=int)
   scale: Optional[float] = option(None, "multiplies the projected leaves' updates", type=float)
-  norm_growth_limit: Optional[float] = option(
-      None, "Fira's norm-growth limiter gamma (>= 1): a step's norm may grow at most by this "
-      "factor", type=float)
+  norm_growth_limit: Optional[float] = _norm_growth_limit_option()
 
   def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
     return _build_alias(self, learning_rate, projected, decayed)
