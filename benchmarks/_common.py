@@ -82,16 +82,19 @@ def taken_options(name: str, **candidates: Any) -> dict[str, Any]:
 
 
 def make_lr_step(graphdef: Any, tx: optax.GradientTransformation,
-                 schedule: optax.Schedule) -> Callable:
+                 schedule: optax.Schedule, parametrization: Any = None) -> Callable:
   """The trainer's train step, jitted, with the peak learning rate as a run-time argument.
 
   ``(state, batch, lr) -> (state, metrics)`` over :class:`train.steps.TrainState`. ``tx`` must be
   built on ``schedule``, which peaks at 1 (:func:`warmup_cosine`): every optimizer here ends in
   ``scale_by_learning_rate``, so multiplying its update by ``lr`` is exactly the optimizer built
   with peak ``lr``, and a change of ``lr`` (or of the initial parameters) does not recompile.
+  ``parametrization`` is the optimizer's held-tree parametrisation (LoRA, ReLoRA, low-rank
+  factors; ``OptimizerConfig.parametrization()``), as in :func:`train.steps.make_train_step`.
   """
   from train import steps  # pylint: disable=import-outside-toplevel
-  return jax.jit(steps.make_train_step(graphdef, tx, schedule), donate_argnums=0)
+  return jax.jit(steps.make_train_step(graphdef, tx, schedule, parametrization=parametrization),
+                 donate_argnums=0)
 
 
 def make_eval_loss(graphdef: Any) -> Callable:

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common
+from train import optimizers as train_optimizers
 
 #: name -> (registered optimizer of :mod:`train.optimizers`, its options). The base runs keep
 #: Adam's moments on a refresh (galore-torch's behaviour), pinned because the library's default
@@ -96,11 +97,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "natural_galore_reverse_int8": ("natural_galore", dict(
         exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=4,
         history_dtype="int8", refresh_policy="keep", proj_type="reverse_std")),
+    # The same step, float32 history of 10, to separate the side from the history's size and dtype.
+    "natural_galore_reverse": ("natural_galore", dict(
+        exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=10,
+        refresh_policy="keep", proj_type="reverse_std")),
     "natural_galore_defaults": ("natural_galore", {}),
+    # The alternatives (each at the library's/authors' defaults, rank and gap of the setting).
+    "fira": ("fira", {}),
+    "apollo": ("apollo", {}),
+    "apollo_mini": ("apollo_mini", {}),
+    # Adapters on a frozen random base; embeddings, norms and the LM head train (a frozen random
+    # LM head could not learn at all).
+    "lora": ("lora", dict(lora_others="trained")),
+    "relora": ("relora", {}),
+    "low_rank": ("low_rank", {}),
 }
 
 #: Peak learning rates tried per variant in the sweep (``--lrs`` replaces them).
-LR_GRIDS = {name: ((1e-3, 3e-3, 1e-2) if name == "adamw" else (3e-3, 1e-2, 3e-2))
+_ADAM_LIKE = ("adamw", "lora", "relora", "low_rank")
+LR_GRIDS = {name: ((1e-3, 3e-3, 1e-2) if name in _ADAM_LIKE else (3e-3, 1e-2, 3e-2))
             for name in VARIANTS}
 
 _NG = ("natural_galore_paper", "natural_galore_sqrt")
@@ -115,7 +130,9 @@ ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     # Disentangles the two changes between the paper and the lead: exponent vs damping mode.
     "exponent": [("natural_galore_paper", {"damping_mode": "relative"}),
                  ("natural_galore_sqrt", {"damping_mode": "absolute"})],
-    "refresh": [(v, {"refresh_policy": p}) for v in _PROJECTED for p in ("reset", "rotate")],
+    "refresh": [(v, {"refresh_policy": p})
+                for v in _PROJECTED + ("galore_reverse", "natural_galore_reverse_int8")
+                for p in ("reset", "rotate")],
     # optax.contrib.galore projects the larger side (coefficients r x min(m, n)); ng's default
     # "std" the smaller one (r x max(m, n)).
     "side": [(v, {"proj_type": "reverse_std"}) for v in _PROJECTED],
@@ -193,6 +210,8 @@ class Runner:
 
     def put(data):
       data["setting"] = mine
+      device = jax.devices()[0]
+      data.setdefault("device", f"{device.platform}: {device.device_kind}")
       data["model"] = dataclasses.asdict(self.model_config)
       data["data"] = {"train": self.train_data.describe(), "eval": self.eval_data.describe(),
                       "eval_tokens": sum(int(b[:, 1:].size) for b in self.eval_batches)}
@@ -206,14 +225,22 @@ class Runner:
     return float(np.mean([float(self.eval_loss(params, b)) for b in self.eval_batches]))
 
   def _step_fn(self, variant: str, overrides: dict[str, Any]):
+    """``(tx, jitted step, parametrization)`` of a variant, built once per setting."""
     key = run_key(variant, overrides, 0, 0)
     if key not in self._steps:
       name, options = VARIANTS[variant]
       options = {**_common.taken_options(name, rank=self.setting.rank,
                                          update_proj_gap=self.setting.update_proj_gap),
                  **options, **overrides}
-      tx = _common.build_optimizer(name, self.schedule, **options)
-      self._steps[key] = (tx, _common.make_lr_step(self.graphdef, tx, self.schedule))
+      config = train_optimizers.make(name, **options)
+      config.validate(self.model_config)
+      # ReLoRA's jagged re-warm-ups ride on the run's schedule, as in the trainer.
+      schedule = config.wrap_schedule(self.schedule)
+      tx = train_optimizers.with_clipping(config.build(schedule), 1.0)
+      parametrization = config.parametrization()
+      self._steps[key] = (tx, _common.make_lr_step(self.graphdef, tx, schedule,
+                                                   parametrization=parametrization),
+                          parametrization)
     return self._steps[key]
 
   def run(self, variant: str, overrides: dict[str, Any], lr: float, seed: int, *,
@@ -227,11 +254,16 @@ class Runner:
     if done is not None and not done.get("stale") and not force:
       return done
     s = self.setting
-    tx, step = self._step_fn(variant, overrides)
+    tx, step, parametrization = self._step_fn(variant, overrides)
     start = time.perf_counter()
     _, params = llama.init_params(self.model_config, seed)
-    state = train_steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+    # The adapters' / factors' initialisation key; the state's key stays the seed's own, so runs
+    # without a parametrisation are unchanged.
+    key_init = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    held, opt_state = train_steps.init_train_params(params, tx, parametrization, key_init)
+    state = train_steps.TrainState(jnp.zeros((), jnp.int32), held, opt_state,
                                    jax.random.PRNGKey(seed))
+    model_params = lambda held: train_steps.model_params(held, parametrization)
     lr_arr = jnp.asarray(lr, jnp.float32)
     eval_steps, eval_losses, train_losses, window = [0], [self.evaluate(params)], [], []
     diverged = False
@@ -244,7 +276,7 @@ class Runner:
         window = []
         train_losses.append(mean_train)
         eval_steps.append(i + 1)
-        eval_losses.append(self.evaluate(state.params))
+        eval_losses.append(self.evaluate(model_params(state.params)))
         print(f"    {key} step {i + 1}: held-out {eval_losses[-1]:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         if not math.isfinite(eval_losses[-1]):
