@@ -1,6 +1,8 @@
 """ngalore_jax: Natural GaLore as composable optax gradient transformations."""
 
 from ngalore_jax._accounting import optimizer_state_bytes
+from ngalore_jax._adam8bit import ScaleByAdam8bitState
+from ngalore_jax._adam8bit import scale_by_adam_8bit
 from ngalore_jax._accounting import tree_bytes
 from ngalore_jax._alias import OFFICIAL_CODE_SETTINGS
 from ngalore_jax._alias import PRECONDITIONERS
@@ -45,6 +47,7 @@ __all__ = (
     "PROJ_TYPES",
     "REFRESH_POLICIES",
     "SVD_METHODS",
+    "ScaleByAdam8bitState",
     "WoodburyState",
     "apollo",
     "apollo_mini",
@@ -55,6 +58,7 @@ __all__ = (
     "natural_direction",
     "natural_galore",
     "optimizer_state_bytes",
+    "scale_by_adam_8bit",
     "scale_by_apollo",
     "scale_by_fira",
     "state_shardings",

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ngalore_jax import _adam8bit
 from ngalore_jax import _checks
 from ngalore_jax import _kronecker
 from ngalore_jax import _plans
@@ -151,9 +152,9 @@ def galore_projection(
       ``"keep"`` it as it is (galore-torch and the Natural GaLore code do
       this; use it to reproduce them), or ``"reset"`` it to ``inner.init``. ``"rotate"`` knows the states of
       optax's Adam, AMSGrad, AdaBelief, Lion, RMSProp, RSS, momentum (``trace``),
-      :class:`WoodburyState` and :class:`KroneckerState`; any other array state
-      raises a ``ValueError`` (choose ``"keep"`` or ``"reset"`` for those inners). The default
-      was measured: see ``benchmarks/README.md``.
+      :class:`WoodburyState`, :class:`KroneckerState` and :class:`ScaleByAdam8bitState`; any
+      other array state raises a ``ValueError`` (choose ``"keep"`` or ``"reset"`` for those
+      inners). The default was measured: see ``benchmarks/README.md``.
     svd_method: ``"exact"`` (thin SVD) or ``"randomized"`` (range finder with subspace
       iteration; far cheaper when ``r << min(m, n)``).
     oversampling: Extra random directions for ``"randomized"`` (>= 0).
@@ -349,6 +350,8 @@ _ROTATION_RULES = {
     optax.ScaleByRssState: {"sum_of_squares": "quadratic"},
     optax.TraceState: {"trace": "linear"},
     WoodburyState: _woodbury.rotate_state,  # linear; an int8 history is requantised
+    # mu linear, nu with R * R, as optax's Adam; 8-bit moments are dequantised and requantised
+    _adam8bit.ScaleByAdam8bitState: _adam8bit.rotate_state,
     _kronecker.KroneckerState: _kronecker.rotate_state,  # L -> R L R^T on the rank side
 }
 

@@ -148,6 +148,24 @@ class AdamWConfig(OptimizerConfig):
                        weight_decay=self.weight_decay, mask=decayed)
 
 
+@register
+@dataclasses.dataclass(frozen=True)
+class AdamW8bitConfig(AdamWConfig):
+  """AdamW with both moments in 8 bits (``ng.scale_by_adam_8bit``) on every parameter."""
+
+  name: ClassVar[str] = "adamw_8bit"
+  description: ClassVar[str] = (
+      "AdamW with 8-bit moments (ng.scale_by_adam_8bit: bitsandbytes' Adam8bit scheme) on every "
+      "parameter")
+
+  def build(self, learning_rate, *, projected=llama.galore_mask, decayed=decay_mask):
+    del projected
+    return optax.chain(
+        ng.scale_by_adam_8bit(b1=self.b1, b2=self.b2, eps=self.eps),
+        optax.add_decayed_weights(self.weight_decay, decayed),
+        optax.scale_by_learning_rate(learning_rate))
+
+
 @dataclasses.dataclass(frozen=True)
 class LowRankConfig(AdamWConfig):
   """Options shared by the GaLore-style optimizers: rank, refresh gap, scale."""
@@ -180,13 +198,18 @@ class GaLoreConfig(LowRankConfig):
   description: ClassVar[str] = "ng.galore: GaLore-Adam on the attention/MLP kernels"
 
   proj_type: Optional[str] = option(
-      None, "which side holds the projector (std: the smaller side, galore-torch's)", type=str,
+      None, "which side holds the projector (default reverse_std: the larger side, fewer "
+      "coefficients; std: galore-torch's)", type=str,
       choices=ng.PROJ_TYPES)
   refresh_policy: Optional[str] = option(
       None, "what happens to Adam's moments (and the history) when the projector is refreshed",
       type=str, choices=ng.REFRESH_POLICIES)
   svd_method: Optional[str] = option(None, "how projectors are computed", type=str,
                                      choices=ng.SVD_METHODS)
+  # An int flag (0/1): the generated command line parses int, float and str options.
+  adam_8bit: Optional[int] = option(
+      None, "1: Adam's moments in 8 bits (ng.scale_by_adam_8bit, bitsandbytes' Adam8bit scheme) "
+      "on the projected coefficients and the other leaves", type=int, choices=(0, 1))
 
   alias: ClassVar[Callable[..., optax.GradientTransformation]] = staticmethod(ng.galore)
 
@@ -199,7 +222,8 @@ class NaturalGaLoreConfig(GaLoreConfig):
   name: ClassVar[str] = "natural_galore"
   description: ClassVar[str] = "ng.natural_galore: Natural GaLore on the attention/MLP kernels"
 
-  history_size: Optional[int] = option(None, "gradients kept for the empirical Fisher", type=int)
+  history_size: Optional[int] = option(
+      None, "gradients kept for the empirical Fisher (default 4; the paper's: 10)", type=int)
   damping: Optional[float] = option(None, "Fisher damping lambda", type=float)
   exponent: Optional[float] = option(
       None, "power of the damped Fisher, in [-1, 0): -1 is the paper's natural gradient, -0.5 "
@@ -208,7 +232,7 @@ class NaturalGaLoreConfig(GaLoreConfig):
       None, "damping as given, or times the history's top eigenvalue", type=str,
       choices=ng.DAMPING_MODES)
   history_dtype: Optional[str] = option(
-      None, "dtype of the stored gradient history (default: the gradients')", type=str,
+      None, "dtype of the stored gradient history (default int8; float32: the paper's)", type=str,
       choices=HISTORY_DTYPES)
   preconditioner: Optional[str] = option(
       None, "the curvature in the subspace: the paper's gradient history (woodbury) or a "
@@ -269,7 +293,8 @@ class _LimitedConfig(LowRankConfig):
   eps: Optional[float] = option(None, "Adam epsilon", type=float)
   norm_growth_limit: Optional[float] = _norm_growth_limit_option()
   proj_type: Optional[str] = option(
-      None, "which side holds the projector (std: the smaller side, galore-torch's)", type=str,
+      None, "which side holds the projector (default reverse_std: the larger side, fewer "
+      "coefficients; std: galore-torch's)", type=str,
       choices=ng.PROJ_TYPES)
 
 
@@ -436,6 +461,8 @@ class ReLoRAConfig(AdamWConfig):
 def _build_alias(config: OptimizerConfig, learning_rate, projected, decayed):
   """``config.alias(learning_rate, mask=..., weight_decay_mask=..., **given options)``."""
   options = config.given_options()
+  if "adam_8bit" in options:
+    options["adam_8bit"] = bool(options["adam_8bit"])
   if "history_dtype" in options:
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     options["history_dtype"] = jnp.dtype(options["history_dtype"])
