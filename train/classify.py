@@ -83,7 +83,9 @@ class ClassifyConfig(TrainConfig):
   steps: int = 500
   batch_size: int = 32
   seq_len: int = 128
-  lr: float = 5e-5
+  # Measured on --task sentiment with natural_galore rank 8, 100 steps: 5e-5 reached 57.9%
+  # held-out accuracy, 3e-4 75.8%.
+  lr: float = 3e-4
   warmup_steps: int = 50
   eval_every: int = 100
   checkpoint_every: int = 100
