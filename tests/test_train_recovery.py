@@ -153,37 +153,50 @@ def _wait_for_step(proc: subprocess.Popen, metrics: pathlib.Path, step: int) -> 
 # Signals.
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_the_step_in_flight_and_the_rerun_resumes_exactly(signum, inputs,
-                                                                         reference, tmp_path):
-  """The signal arrives while steps are being fetched and logged (--log-every 1), after step 2.
-
-  No periodic checkpoint falls in the run (--checkpoint-every 100): the only one is the
-  interrupt's.
-  """
-  workdir = tmp_path / "run"
-  command = _command(workdir, inputs, "--checkpoint-every", "100", optimizer="natural_galore")
+def _interrupt(command, workdir, after_step, signum):
+  """Runs ``command``, sends ``signum`` once it has logged ``after_step``; returns (out, err)."""
   with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                         text=True) as proc:
     try:
-      _wait_for_step(proc, workdir / "metrics.jsonl", 2)
+      _wait_for_step(proc, workdir / "metrics.jsonl", after_step)
       proc.send_signal(signum)
       out, err = proc.communicate(timeout=TIMEOUT_S)
     finally:
       if proc.poll() is None:
         proc.kill()
   assert proc.returncode == 128 + signum, err
-  last = max(_losses(workdir))
-  assert 2 <= last < STEPS
-  assert _saved_steps(workdir) == [last]
-  name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-  assert (f"Interrupted ({name}) at step {last}/{STEPS}; checkpoint {last} saved; rerun the same"
-          " command to resume." in out)
   assert "Traceback" not in err and not _errors(err)
+  return out, err
+
+
+def test_a_signal_saves_the_step_in_flight_and_the_rerun_resumes_exactly(inputs, reference,
+                                                                         tmp_path):
+  """SIGINT, then SIGTERM in the resumed run, each after a step is logged: each saves its step.
+
+  Each signal arrives while steps are being fetched and logged (--log-every 1), after step 2 of
+  the first run and 2 steps into the second (resumed) one. No periodic checkpoint falls in the
+  runs (--checkpoint-every 100): the only ones are the interrupts'. The third run finishes, and
+  every step's loss equals the uninterrupted run's.
+  """
+  workdir = tmp_path / "run"
+  command = _command(workdir, inputs, "--checkpoint-every", "100", optimizer="natural_galore")
+  out, _ = _interrupt(command, workdir, 2, signal.SIGINT)
+  first = max(_losses(workdir))
+  assert 2 <= first < STEPS
+  assert _saved_steps(workdir) == [first]
+  assert (f"Interrupted (Ctrl-C) at step {first}/{STEPS}; checkpoint {first} saved; rerun the"
+          " same command to resume." in out)
+
+  out, _ = _interrupt(command, workdir, first + 2, signal.SIGTERM)
+  second = max(_losses(workdir))
+  assert first + 2 <= second < STEPS
+  assert _saved_steps(workdir) == [first, second]
+  assert (f"Interrupted (SIGTERM) at step {second}/{STEPS}; checkpoint {second} saved; rerun the"
+          " same command to resume." in out)
 
   rerun = _run(command)
   assert rerun.returncode == 0, rerun.stderr
-  assert f"Finished {STEPS}/{STEPS} steps. (resumed from step {last})" in rerun.stdout
+  assert f"Finished {STEPS}/{STEPS} steps. (resumed from step {second})" in rerun.stdout
   assert _losses(workdir) == reference  # bit-exact, every step
 
 
