@@ -98,6 +98,11 @@ def test_argument_errors_exit_with_usage(argv, message, capsys):
     (["--optimizer", "adamw", "--b1", "1.5"], "--b1 must lie in [0, 1), got 1.5"),
 ])
 def test_bad_values_print_one_error_line(argv, message, capsys, tmp_path):
+  # The trainer finds a bad library option (--history-size, --exponent) only after loading the
+  # data: a small local corpus spares those cases fetching and tokenizing the default dataset.
+  if "--dataset" not in argv:
+    (tmp_path / "docs.txt").write_text("a small corpus, not the default one to fetch.\n" * 200)
+    argv = argv + ["--dataset", f"text:{tmp_path / 'docs.txt'}"]
   code = pretrain.main(argv + ["--batch-size", "16", "--workdir", str(tmp_path / "run")])
   captured = capsys.readouterr()
   assert code == 2
