@@ -76,9 +76,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "galore_full": ("galore", dict(refresh_policy="keep", proj_type="full")),
     "natural_galore_paper": ("natural_galore", dict(exponent=-1.0, damping=1e-3,
                                                     damping_mode="absolute", history_size=10,
+                                                    history_dtype="float32",
                                                     refresh_policy="keep", proj_type="std")),
     "natural_galore_sqrt": ("natural_galore", dict(exponent=-0.5, damping=1e-3,
                                                    damping_mode="relative", history_size=10,
+                                                   history_dtype="float32",
                                                    refresh_policy="keep", proj_type="std")),
     "natural_galore_paper_bf16": ("natural_galore", dict(
         exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=10,
@@ -100,7 +102,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The same step, float32 history of 10, to separate the side from the history's size and dtype.
     "natural_galore_reverse": ("natural_galore", dict(
         exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=10,
-        refresh_policy="keep", proj_type="reverse_std")),
+        history_dtype="float32", refresh_policy="keep", proj_type="reverse_std")),
+    # The libraries' defaults (reverse_std, refresh "rotate"; Natural GaLore: int8 history of 4).
+    "galore_defaults": ("galore", {}),
     "natural_galore_defaults": ("natural_galore", {}),
     # The alternatives (each at the library's/authors' defaults, rank and gap of the setting).
     "fira": ("fira", {}),

@@ -43,38 +43,48 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "optax.contrib.galore": ("optax_galore", {}),
     "ng.galore": ("galore", {}),
-    "ng.natural_galore": ("natural_galore", {}),
-    "ng.natural_galore (bf16 history)": ("natural_galore", {"history_dtype": "bfloat16"}),
-    "ng.natural_galore (int8 history)": ("natural_galore", {"history_dtype": "int8"}),
-    # optax.contrib's side: projector on the larger side, coefficients r x min(m, n).
-    "ng.galore (reverse_std)": ("galore", {"proj_type": "reverse_std"}),
-    "ng.natural_galore (reverse_std, bf16 history)": (
-        "natural_galore", {"proj_type": "reverse_std", "history_dtype": "bfloat16"}),
-    "ng.natural_galore (reverse_std, int8 history 4)": (
-        "natural_galore", {"proj_type": "reverse_std", "history_dtype": "int8", "history_size": 4}),
-    "ng.natural_galore (Kronecker)": ("natural_galore", {"preconditioner": "kronecker"}),
-    "ng.natural_galore (reverse_std, Kronecker)": (
-        "natural_galore", {"proj_type": "reverse_std", "preconditioner": "kronecker"}),
+    "ng.galore (std: galore-torch's side)": ("galore", {"proj_type": "std"}),
     "ng.galore (full)": ("galore", {"proj_type": "full"}),
+    "ng.natural_galore": ("natural_galore", {}),
+    # The paper's setting: the smaller side, a float32 history of 10.
+    "ng.natural_galore (std, float32 history 10)": (
+        "natural_galore", {"proj_type": "std", "history_dtype": "float32", "history_size": 10}),
+    "ng.natural_galore (std, bf16 history 10)": (
+        "natural_galore", {"proj_type": "std", "history_dtype": "bfloat16", "history_size": 10}),
+    "ng.natural_galore (std, int8 history 10)": (
+        "natural_galore", {"proj_type": "std", "history_dtype": "int8", "history_size": 10}),
+    "ng.natural_galore (float32 history 10)": (
+        "natural_galore", {"history_dtype": "float32", "history_size": 10}),
+    "ng.natural_galore (Kronecker)": ("natural_galore", {"preconditioner": "kronecker"}),
+    "ng.natural_galore (std, Kronecker)": (
+        "natural_galore", {"proj_type": "std", "preconditioner": "kronecker"}),
     "ng.natural_galore (authors' code settings)": ("natural_galore_official", {}),
+    "ng.fira": ("fira", {}),
+    "ng.apollo": ("apollo", {}),
+    "ng.apollo_mini": ("apollo_mini", {}),
     # Reparametrised baselines: params are what they hold (factors / base + adapters), the state
     # is AdamW's over their trainable part (train.low_rank, train.relora).
     "low_rank": ("low_rank", {}),
     "relora": ("relora", {}),
+    "lora": ("lora", {}),
 }
+
+
+def _config(name: str, options: dict[str, Any], rank: int):
+  """The registry's config of ``name`` with ``options``, at ``rank`` if it takes one."""
+  fields = {f.name for f in dataclasses.fields(train_optimizers.REGISTRY[name])}
+  return train_optimizers.make(name, **options, **({"rank": rank} if "rank" in fields else {}))
 
 
 def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:
   """The optimizers compared, built by the trainer's registry at the paper's rank."""
-  return {label: train_optimizers.make(name, **options, **({} if name == "adamw" else
-                                                           {"rank": rank})).build(1e-3)
+  return {label: _config(name, options, rank).build(1e-3)
           for label, (name, options) in VARIANTS.items()}
 
 
 def parametrizations(rank: int) -> dict[str, Any]:
   """label -> the variant's ``train.lora.Parametrization`` (``None``: it trains the params)."""
-  return {label: train_optimizers.make(name, **options, **({} if name == "adamw" else
-                                                           {"rank": rank})).parametrization()
+  return {label: _config(name, options, rank).parametrization()
           for label, (name, options) in VARIANTS.items()}
 
 

@@ -58,8 +58,8 @@ def optimizer_state_bytes(state: Any) -> dict[str, int]:
     >>> import ngalore_jax as ng
     >>> params = {"w": jax.ShapeDtypeStruct((1024, 256), jnp.float32)}
     >>> state = jax.eval_shape(ng.galore(1e-3, rank=16).init, params)
-    >>> ng.optimizer_state_bytes(state)["projectors"]  # 256 x 16 float32
-    16384
+    >>> ng.optimizer_state_bytes(state)["projectors"]  # 1024 x 16 float32 (the larger side)
+    65536
   """
   totals = dict.fromkeys(CATEGORIES, 0)
 

@@ -27,7 +27,9 @@ DEFAULT_PROJ_TYPE = "reverse_std"
 # brings its state to 1.19x GaLore's at LLaMA-1B rank 512 (a float32 history of 10: 4.4x), and
 # on the d256 benchmark it lost nothing against the float32 history of 10 on the same side.
 DEFAULT_HISTORY_SIZE = 4
-DEFAULT_HISTORY_DTYPE = jnp.int8
+# A dtype instance, not the callable `jnp.int8`: optax.inject_hyperparams would take a callable
+# for a schedule and inject its value.
+DEFAULT_HISTORY_DTYPE = jnp.dtype(jnp.int8)
 DEFAULT_DAMPING = 1e-3
 DEFAULT_KRONECKER_BETA = 0.95
 # The curvature estimates `natural_galore` can put before Adam.

@@ -41,7 +41,7 @@ def state_shardings(tx: optax.GradientTransformation, abstract_params: Any) -> A
     >>> mesh = jax.make_mesh((1,), ("fsdp",))
     >>> params = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32,
     ...                                     sharding=NamedSharding(mesh, P("fsdp", None)))}
-    >>> shardings = ng.state_shardings(ng.galore(1e-3, rank=2), params)
+    >>> shardings = ng.state_shardings(ng.galore(1e-3, rank=2, proj_type="std"), params)
     >>> galore_state = shardings[0].inner_states["galore"].inner_state
     >>> galore_state.inner_states["w"].mu.spec  # coefficients 8 x r, split like the rows
     P('fsdp', None)

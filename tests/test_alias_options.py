@@ -21,7 +21,7 @@ OPTIONS = {
     "rank": (dict(rank=1), {}),
     "update_proj_gap": (dict(update_proj_gap=1), {}),
     "scale": (dict(scale=0.5), {}),
-    "proj_type": (dict(proj_type="reverse_std"), {}),
+    "proj_type": (dict(proj_type="std"), {}),
     "refresh_policy": (dict(refresh_policy="keep"), {}),
     "svd_method": (dict(svd_method="randomized"), dict(oversampling=1)),
     "oversampling": (dict(oversampling=2), RANDOMIZED),
@@ -51,8 +51,12 @@ def test_aliases_declare_each_option_with_the_projection_default(alias):
   parameters = inspect.signature(alias).parameters
   for name in _alias.PROJECTION_OPTIONS:
     assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-    if name != "rank":  # required by the projection; the aliases default to 128
-      assert parameters[name].default == projection[name].default, name
+    if name == "rank":  # required by the projection; the aliases default to 128
+      continue
+    # The aliases project the larger side by default (measured); galore_projection keeps
+    # galore-torch's "std".
+    want = ("reverse_std" if name == "proj_type" else projection[name].default)
+    assert parameters[name].default == want, name
 
 
 def params_and_grads():
@@ -85,8 +89,8 @@ def by_hand(**projection_options):
   """ng.galore's documented composition, written with optax's building blocks."""
   labels = lambda params: jax.tree.map(lambda p: "galore" if p.ndim >= 2 else "adam", params)
   return optax.chain(
-      optax.partition({"galore": ng.galore_projection(optax.scale_by_adam(),
-                                                      **projection_options),
+      optax.partition({"galore": ng.galore_projection(
+          optax.scale_by_adam(), **{"proj_type": "reverse_std", **projection_options}),
                        "adam": optax.scale_by_adam()}, labels),
       optax.add_decayed_weights(0.0),
       optax.scale_by_learning_rate(LR))

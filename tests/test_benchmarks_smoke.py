@@ -94,6 +94,12 @@ def test_memory_smoke(tmp_path):
   # Independent count: AdamW keeps two float32 moments per parameter, plus a step counter.
   assert by_name["adamw"]["total"] == 2 * by_name["adamw"]["param_bytes"] + 4
   # 60m: d 512, ffn 1376, 8 layers, rank 128; 'std' coefficients are r x max(m, n) per kernel
-  # (q, k, v, o: 128 x 512; gate, up, down: 128 x 1376); history 10 of them in float32.
+  # (q, k, v, o: 128 x 512; gate, up, down: 128 x 1376); the paper's history: 10 in float32.
   coefficients = 8 * (4 * 128 * 512 + 3 * 128 * 1376)
-  assert by_name["ng.natural_galore"]["history"] == 10 * coefficients * 4
+  paper = by_name["ng.natural_galore (std, float32 history 10)"]
+  assert paper["history"] == 10 * coefficients * 4
+  # The defaults: 'reverse_std' coefficients are r x min(m, n) = 128 x 512 for all 7 kernels of
+  # each layer; 4 of them in int8, plus one float32 scale per stored gradient and kernel.
+  kernels = 8 * 7
+  default = by_name["ng.natural_galore"]
+  assert default["history"] == 4 * kernels * 128 * 512 * 1 + 4 * kernels * 4

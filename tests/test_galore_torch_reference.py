@@ -194,7 +194,8 @@ def assert_same_singular_vectors(gauge, refresh_steps):
 def test_matches_galore_torch_within_the_first_projector_interval(galore_torch):
   """No sign alignment: before the first re-refresh the SVD's signs cancel."""
   params0, grads = make_problem()
-  tx = ng.galore(LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, eps=TINY_EPS,
+  # galore-torch's side, pinned: ng.galore's default is reverse_std.
+  tx = ng.galore(LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, eps=TINY_EPS, proj_type="std",
                  refresh_policy="keep")
   got, _ = run_ng(tx, params0, grads[:GAP])
   want = run_galore_torch(galore_torch, params0, grads[:GAP], weight_decay=0.0)
@@ -230,7 +231,7 @@ def test_weight_decay_matches_galore_torch_up_to_its_decay_order(galore_torch, m
   weight_decay = 0.5
   a = LR * weight_decay
   params0, grads = make_problem(param_scale=1.0)
-  tx = ng.galore(LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, eps=TINY_EPS,
+  tx = ng.galore(LR, rank=RANK, update_proj_gap=GAP, scale=SCALE, eps=TINY_EPS, proj_type="std",
                  weight_decay=weight_decay, refresh_policy="keep")
   got, ng_projectors = run_ng(tx, params0, grads)
   want = run_galore_torch(galore_torch, params0, grads, weight_decay=weight_decay,

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import ngalore_jax as ng
+from models import llama
 
 LR = 1e-2
 
@@ -45,7 +46,8 @@ def test_official_settings_are_a_read_only_set_of_natural_galore_options():
     assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY, name
   # The values of the authors' code (see the comments in ngalore_jax/_alias.py).
   assert dict(settings) == dict(proj_type="full", history_size=20, damping=1e-3, exponent=-1.0,
-                                damping_mode="absolute", eps=1e-6, refresh_policy="keep")
+                                damping_mode="absolute", eps=1e-6, refresh_policy="keep",
+                                history_dtype=None)
 
 
 def test_official_preset_is_the_hand_written_call():
@@ -53,7 +55,8 @@ def test_official_preset_is_the_hand_written_call():
                                          **ng.OFFICIAL_CODE_SETTINGS))
   want, _ = run(ng.natural_galore(
       LR, rank=3, update_proj_gap=2, proj_type="full", history_size=20, damping=1e-3,
-      exponent=-1.0, damping_mode="absolute", eps=1e-6, refresh_policy="keep"))
+      exponent=-1.0, damping_mode="absolute", eps=1e-6, refresh_policy="keep",
+      history_dtype=None))
   for got_step, want_step in zip(got, want):
     for k in got_step:
       np.testing.assert_array_equal(got_step[k], want_step[k], err_msg=k)
@@ -161,8 +164,10 @@ def test_preconditioner_options_that_do_not_apply_are_errors(kwargs, name):
 
 
 def test_preconditioner_defaults_left_alone_are_accepted():
+  defaults = inspect.signature(ng.natural_galore).parameters
   ng.natural_galore(LR, rank=2, preconditioner="kronecker",
-                    history_size=ng._alias.DEFAULT_HISTORY_SIZE, history_dtype=None)
+                    history_size=defaults["history_size"].default,
+                    history_dtype=defaults["history_dtype"].default)
   ng.natural_galore(LR, rank=2, kronecker_beta=0.95)
   assert ng.PRECONDITIONERS == ("woodbury", "kronecker")
 
@@ -178,3 +183,37 @@ def test_preconditioners_under_inject_hyperparams(preconditioner):
   for got_step, want_step in zip(got, want):
     for k in got_step:
       np.testing.assert_allclose(got_step[k], want_step[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def _state_bytes(tx, abstract_params):
+  """Bytes of every array in ``tx``'s state, counted from the shapes alone."""
+  state = jax.eval_shape(tx.init, abstract_params)
+  return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(state))
+
+
+def test_defaults_hold_at_most_1_25x_galores_state_on_llama_1b():
+  # The memory claim of the defaults, at the GaLore paper's LLaMA-1B rank: nothing allocated.
+  _, abstract = llama.abstract_params(llama.CONFIGS["1b"])
+  build = lambda alias, **kw: alias(1e-3, rank=512, mask=llama.galore_mask, **kw)
+  galore = _state_bytes(build(ng.galore), abstract)
+  natural = _state_bytes(build(ng.natural_galore), abstract)
+  assert natural <= 1.25 * galore, natural / galore
+  # The paper's setting (the smaller side, a float32 history of 10) is what the defaults avoid;
+  # AdamW holds two full-size moments.
+  paper = _state_bytes(build(ng.natural_galore, proj_type="std", history_size=10,
+                             history_dtype=None), abstract)
+  adamw = _state_bytes(optax.adamw(1e-3), abstract)
+  assert paper > 3 * galore and natural < adamw / 2, (paper / galore, natural / adamw)
+
+
+def test_galore_default_projects_onto_the_larger_side():
+  # reverse_std: an (m, n) gradient gives r x min(m, n) coefficients, so Adam's moments in the
+  # subspace are that shape; proj_type="std" (galore-torch) keeps r x max(m, n).
+  params = {"tall": jnp.zeros((24, 8)), "wide": jnp.zeros((8, 24))}
+  def moment_shapes(**kw):
+    state = jax.eval_shape(ng.galore(LR, rank=2, **kw).init, params)
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+          if "mu" in jax.tree_util.keystr(path) and leaf.ndim == 2]
+    return sorted(sorted(leaf.shape) for leaf in mu)
+  assert moment_shapes() == [[2, 8], [2, 8]]
+  assert moment_shapes(proj_type="std") == [[2, 24], [2, 24]]

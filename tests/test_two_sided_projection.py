@@ -228,7 +228,8 @@ def test_state_bytes_count_both_factors_as_projectors():
   params = {"w": jax.ShapeDtypeStruct((64, 48), jnp.float32),
             "b": jax.ShapeDtypeStruct((48,), jnp.float32)}
   rank, size = 8, 5
-  tx = ng.natural_galore(1e-3, rank=rank, history_size=size, proj_type="full")
+  tx = ng.natural_galore(1e-3, rank=rank, history_size=size, proj_type="full",
+                         history_dtype=None)
   counts = ng.optimizer_state_bytes(jax.eval_shape(tx.init, params))
   assert counts["projectors"] == 4 * (64 + 48) * rank
   assert counts["history"] == 4 * size * rank * rank
