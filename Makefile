@@ -27,7 +27,9 @@ train: $(STAMP)
 	$(PY) -m train.pretrain
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --doctest-modules ngalore_jax models train tests
+	# --dist loadfile: a file's tests share one worker, so module fixtures (a loaded SmolLM2, the
+	# reference training runs) are built once.
+	$(PY) -m pytest -q -n 2 --dist loadfile --doctest-modules ngalore_jax models train tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.memory
