@@ -103,3 +103,31 @@ def test_memory_smoke(tmp_path):
   kernels = 8 * 7
   default = by_name["ng.natural_galore"]
   assert default["history"] == 4 * kernels * 128 * 512 * 1 + 4 * kernels * 4
+
+
+def test_summary_pairs_each_variant_with_the_base_on_shared_seeds():
+  from benchmarks import summary  # pylint: disable=import-outside-toplevel
+
+  def record(variant, lr, seed, loss):
+    # Seed 0 runs are the lr sweep's (the lr is chosen on them), the others the seeds phase's.
+    return {"variant": variant, "overrides": {}, "lr": lr, "seed": seed,
+            "tag": "sweep" if seed == 0 else "seeds",
+            "final_eval_loss": loss, "diverged": False}
+  runs = {}
+  for variant, lr, seed, loss in [("galore", 0.01, 0, 4.0), ("galore", 0.01, 1, 4.2),
+                                  ("galore", 0.03, 0, 4.5),  # a worse lr: not chosen
+                                  ("fira", 0.01, 0, 3.9), ("fira", 0.01, 1, 4.3),
+                                  ("fira", 0.01, 2, 4.0)]:
+    runs[f"{variant} {lr} {seed}"] = record(variant, lr, seed, loss)
+  gib = 1024 ** 3
+  memory = [{"preset": p, "optimizer": name, "total": total * gib}
+            for p in summary.PRESETS
+            for name, total in [("adamw", 4.0), ("ng.fira", 1.0),
+                                ("ng.galore (std: galore-torch's side)", 2.0)]]
+  text = summary.table(runs, memory, base="galore")
+  fira = next(line for line in text.splitlines() if line.startswith("| fira "))
+  # Seeds 0 and 1 are shared: deltas -0.1 and +0.1, so mean 0 with std 0.1414, 1 of 2 better.
+  assert "| 3 | 4.0667 ± 0.2082 |" in fira and "0.0000 ± 0.1414 (1/2 better)" in fira
+  assert fira.endswith("| 1.00 (0.25x) | 1.00 (0.25x) | 1.00 (0.25x) |")
+  galore = next(line for line in text.splitlines() if line.startswith("| galore "))
+  assert "| 0.01 | 2 | 4.1000 ± 0.1414 | - | 2.00 (0.50x) |" in galore
