@@ -27,6 +27,7 @@ from the restore target's shape, dtype and sharding.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
+_FILTERED_LOGGERS = ("absl", "asyncio")
 _MESSAGE_CHARS = 300
 
 
@@ -65,11 +67,21 @@ def _one_line(error: BaseException) -> str:
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:
-  return record.levelno >= logging.ERROR and record.pathname.startswith(_ORBAX_DIR)
+  if record.levelno < logging.ERROR:
+    return False
+  if record.name == "asyncio":
+    # "Task exception was never retrieved" for one of orbax's abandoned read tasks: asyncio logs
+    # it when the task is garbage-collected, naming the task's coroutine and its file.
+    return _ORBAX_DIR in record.getMessage()
+  return record.pathname.startswith(_ORBAX_DIR)
 
 
 class _DropOrbaxErrors(logging.Filter):
-  """Drops orbax's error records (tracebacks of failures the caller gets as exceptions)."""
+  """Drops orbax's error records (tracebacks of failures the caller gets as exceptions).
+
+  Installed on the ``absl`` logger (orbax's own records) and the ``asyncio`` logger (orbax's
+  read tasks abandoned after the first failed read).
+  """
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not _from_orbax(record)
@@ -133,7 +145,8 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self._filter = _DropOrbaxErrors()
-    logging.getLogger("absl").addFilter(self._filter)
+    for name in _FILTERED_LOGGERS:
+      logging.getLogger(name).addFilter(self._filter)
     self._hook = _QuietOrbaxReads()
     sys.unraisablehook = self._hook
     options = ocp.CheckpointManagerOptions(
@@ -227,6 +240,9 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  (orbax raises a bare Exception)
       if not _is_read_failure(e):
         raise
+      # Collect orbax's abandoned read tasks now, while the filters above are installed: asyncio
+      # logs each one's unretrieved exception (a page of traceback) when it is collected.
+      gc.collect()
       raise CheckpointError(f"checkpoint {step} in {self.directory}: {_one_line(e)}") from e
     return state, restored.meta
 
@@ -329,6 +345,7 @@ class Checkpointer:
       self._release_hooks()
 
   def _release_hooks(self) -> None:
-    logging.getLogger("absl").removeFilter(self._filter)
+    for name in _FILTERED_LOGGERS:
+      logging.getLogger(name).removeFilter(self._filter)
     if sys.unraisablehook is self._hook:
       sys.unraisablehook = self._hook.previous
