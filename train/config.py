@@ -222,7 +222,56 @@ examples:
   python -m train.pretrain --optimizer adamw --workdir runs/adamw-tiny
   python -m train.pretrain --model 60m --rank 128 --update-proj-gap 200 --lr 0.01 \\
       --steps 10000 --batch-size 512 --seq-len 256 --mesh data=2,fsdp=4
+  # two hosts, 10.0.0.1 and another: the same command on each, with its own --process-id
+  python -m train.pretrain --workdir /shared/run --coordinator-address 10.0.0.1:1234 \\
+      --num-processes 2 --process-id 0          # on 10.0.0.1; --process-id 1 on the other
 """
+
+
+_MULTI_PROCESS_HELP = """\
+Multi-process (multi-host) runs: start the same command once per host, adding
+--coordinator-address HOST0:PORT --num-processes N --process-id I (I = 0 on
+HOST0, whose PORT must be free; 1 .. N-1 elsewhere). Under SLURM or Open MPI
+leave the three out: jax.distributed finds them. The mesh spans every host's
+devices (--mesh must use all of them); CPU hosts talk through gloo. Each
+process reads only its own rows of each global batch (the rows its devices
+hold), so N processes train as one process with the same mesh, to the same
+losses. --workdir must be one directory every host sees: orbax writes each
+checkpoint once, the processes together, and every process resumes from it;
+process 0 alone writes config.json, metrics.jsonl and TensorBoard. Ctrl-C and
+SIGTERM act on one process (the others then wait for it): plan the end with
+--stop-at, or kill every process and rerun to resume from the newest
+checkpoint."""
+
+
+def check_distributed(config: Any) -> None:
+  """Checks the multi-process flags against each other.
+
+  Raises:
+    ConfigError: naming the flag that is missing or out of range, e.g. ``--process-id`` without
+      ``--coordinator-address``, or ``--process-id 2`` with ``--num-processes 2``.
+
+  Examples:
+    >>> check_distributed(TrainConfig(coordinator_address="10.0.0.1:1234", num_processes=2,
+    ...                               process_id=1))
+  """
+  address, count, index = config.coordinator_address, config.num_processes, config.process_id
+  if address is None:
+    given = [flag for flag, value in (("--num-processes", count), ("--process-id", index))
+             if value is not None]
+    if given:
+      raise ConfigError(f"{given[0]} needs --coordinator-address HOST:PORT")
+    return
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"--coordinator-address {address!r}: expected HOST:PORT, e.g."
+                      " 10.0.0.1:1234")
+  if count is None:
+    raise ConfigError("--coordinator-address needs --num-processes")
+  if index is None:
+    raise ConfigError("--coordinator-address needs --process-id")
+  if index >= count:
+    raise ConfigError(f"--process-id {index} must be below --num-processes {count}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,18 +375,20 @@ def add_common_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                  help="save and stop after this step, as if interrupted (the schedule"
                       " still spans --steps); rerun to resume")
 
-  g = p.add_argument_group("runtime")
+  g = p.add_argument_group("runtime", _MULTI_PROCESS_HELP)
   g.add_argument("--seed", type=int, default=d.seed, help="seed for parameters and data order")
   g.add_argument("--mesh", default=d.mesh,
                  help="device mesh, e.g. data=2,fsdp=4 (axes: data, fsdp, tensor);"
                       " default: all devices data parallel")
-  g.add_argument("--coordinator-address", default=d.coordinator_address,
-                 help="host:port of process 0 for multi-process runs"
-                      " (calls jax.distributed.initialize)")
+  g.add_argument("--coordinator-address", default=d.coordinator_address, metavar="HOST:PORT",
+                 help="multi-process run: process 0's host and a free port on it, the same in"
+                      " every process (calls jax.distributed.initialize; needs --num-processes"
+                      " and --process-id)")
   g.add_argument("--num-processes", type=_positive_int, default=d.num_processes,
-                 help="number of processes in a multi-process run")
+                 help="multi-process run: how many processes (one per host)")
   g.add_argument("--process-id", type=_non_negative_int, default=d.process_id,
-                 help="index of this process in a multi-process run")
+                 help="multi-process run: this process's index, 0 to --num-processes - 1;"
+                      " 0 writes config.json, metrics.jsonl and TensorBoard")
 
 
 def from_argv(argv: Optional[Sequence[str]] = None, *,
@@ -371,6 +422,7 @@ def from_argv(argv: Optional[Sequence[str]] = None, *,
       name, **{k: v for k, v in given.items() if k in taken}), **values)
   try:
     parse_mesh(cfg.mesh)  # fail early on a malformed mesh
+    check_distributed(cfg)  # before jax.distributed.initialize waits for the other processes
   except ConfigError as e:
     parser.error(str(e))
   return cfg
@@ -449,5 +501,4 @@ def validate(config: TrainConfig, model_cfg: Any) -> None:
     raise ConfigError(f"--warmup-steps {config.warmup_steps} must be below --steps {config.steps}")
   if config.stop_at is not None and config.stop_at > config.steps:
     raise ConfigError(f"--stop-at {config.stop_at} is after --steps {config.steps}")
-  if (config.coordinator_address is None) != (config.num_processes is None):
-    raise ConfigError("--coordinator-address and --num-processes go together")
+  check_distributed(config)
