@@ -8,7 +8,8 @@ fill one is dropped); a batch row ``b`` gives inputs ``b[:-1]`` and targets ``b[
 
 Training batches walk the sequences epoch by epoch, each epoch in its own permutation drawn from
 ``(seed, epoch)``. Batch ``step`` is a pure function of ``(seed, step)``, so resuming at any step
-needs no iterator state.
+needs no iterator state, and in a multi-process run every process reads just its own rows of each
+global batch (:func:`local_rows`) from the same order, with no communication.
 
 Examples:
   >>> from train import data
@@ -30,7 +31,7 @@ from train import corpus as corpus_lib
 from train import fetch
 from train.tokenizer import load_tokenizer  # Re-exported: data.load_tokenizer(...).
 
-__all__ = ["PackedDataset", "load_dataset", "load_tokenizer", "tokenize_split"]
+__all__ = ["PackedDataset", "load_dataset", "load_tokenizer", "local_rows", "tokenize_split"]
 
 CACHE_FORMAT = 1  # Bump when the token stream's layout changes.
 _ENCODE_CHUNK_CHARS = 1 << 22  # Documents are tokenised in batches of about 4 M characters.
@@ -109,8 +110,8 @@ class PackedDataset:
       indices[where] = self.permutation(seed, int(epoch))[offsets[where]]
     return indices
 
-  def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """Returns training batch ``step``: int32 ``[batch_size, seq_len + 1]``.
+  def batch(self, step: int, batch_size: int, seed: int, rows=None) -> np.ndarray:
+    """Returns training batch ``step``: int32 ``[batch_size, seq_len + 1]``, or some of its rows.
 
     Rows ``step * batch_size`` to ``(step + 1) * batch_size - 1`` of the endless walk through
     the sequences, epoch ``e`` in the permutation drawn from ``(seed, e)``: one epoch visits every
@@ -118,13 +119,16 @@ class PackedDataset:
 
     Args:
       step: the training step, from 0.
-      batch_size: rows per batch (the global batch; shard it across hosts yourself).
+      batch_size: rows per batch (the global batch, over all processes).
       seed: the data seed.
+      rows: which rows of the global batch to read (e.g. a process's :func:`local_rows`);
+        ``None`` reads all of them. Only those sequences are read.
 
     Returns:
-      The batch; inputs are ``b[:, :-1]``, targets ``b[:, 1:]``.
+      The batch's rows ``rows``, in that order; inputs are ``b[:, :-1]``, targets ``b[:, 1:]``.
     """
-    return self.sequences(self.batch_indices(step, batch_size, seed))
+    indices = self.batch_indices(step, batch_size, seed)
+    return self.sequences(indices if rows is None else indices[np.asarray(rows)])
 
   def eval_batches(self, batch_size: int, num_batches: int) -> list[np.ndarray]:
     """Returns fixed evaluation batches: the split's first sequences, in order.
@@ -149,6 +153,34 @@ class PackedDataset:
                        f"tokens, fewer than one evaluation batch of {batch_size}")
     return [self.sequences(np.arange(i * batch_size, (i + 1) * batch_size))
             for i in range(min(num_batches, available))]
+
+
+def local_rows(row_slices, batch_size: int) -> np.ndarray:
+  """The rows of a global batch that one process reads: those its devices hold, each once.
+
+  In a multi-process run every process feeds only its own rows of each global batch (see
+  ``jax.make_array_from_process_local_data``); the processes' rows are disjoint unless the mesh
+  replicates the batch across processes (a ``tensor`` axis spanning them), and together they
+  are the whole batch.
+
+  Args:
+    row_slices: the batch-dimension slice of each of the process's devices (from
+      ``sharding.addressable_devices_indices_map(shape)``); devices holding the same rows repeat.
+    batch_size: the global batch size.
+
+  Returns:
+    The sorted distinct row positions, int64.
+
+  Examples:
+    >>> local_rows([slice(4, 6), slice(6, 8)], 8)
+    array([4, 5, 6, 7])
+    >>> local_rows([slice(None), slice(None)], 4)  # a batch replicated on both devices
+    array([0, 1, 2, 3])
+  """
+  held = np.zeros(batch_size, dtype=bool)
+  for rows in row_slices:
+    held[rows] = True
+  return np.flatnonzero(held)
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:

@@ -28,6 +28,7 @@ A run stops
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -280,6 +281,34 @@ def _peak_flops(config: TrainConfig) -> Optional[float]:
   return per_device * jax.device_count() if per_device else None
 
 
+def _batch_reader(s: Setup) -> Callable[[int], Any]:
+  """Returns ``step -> training batch on the mesh``, reading only this process's rows.
+
+  Every process feeds the rows of the global batch that its devices hold (all of them in a
+  single-process run) through ``jax.make_array_from_process_local_data``; packed token data
+  reads just those sequences, other data (fine-tuning) builds the batch and keeps those rows.
+  """
+  from train import data as data_lib  # pylint: disable=import-outside-toplevel
+  config = s.config
+  index_map = s.batch_sharding.addressable_devices_indices_map(
+      jax.tree.leaves(s.abstract_batch)[0].shape)
+  rows = data_lib.local_rows([index[0] for index in index_map.values()], config.batch_size)
+  reads_rows = "rows" in inspect.signature(s.train_data.batch).parameters
+
+  def read(step: int) -> Any:
+    if reads_rows:
+      host = s.train_data.batch(step, config.batch_size, config.seed, rows=rows)
+    else:
+      host = jax.tree.map(lambda x: np.asarray(x)[rows],
+                          s.train_data.batch(step, config.batch_size, config.seed))
+    return jax.tree.map(
+        lambda x, abstract: jax.make_array_from_process_local_data(
+            s.batch_sharding, np.asarray(x, np.int32), abstract.shape),
+        host, s.abstract_batch)
+
+  return read
+
+
 def train_and_evaluate(config: TrainConfig,
                        setup: Optional[Callable[[TrainConfig], Setup]] = None) -> dict[str, Any]:
   """Runs (or resumes) pretraining and returns a summary.
@@ -360,9 +389,7 @@ def _train(s: Setup, state: TrainState, ckpt: checkpointing.Checkpointer,
   evaluate = (s.make_evaluator or build.Evaluator)(s)
   divergence = _DivergenceCheck(s, ckpt)
 
-  def train_batch(step: int) -> jax.Array:
-    return build.device_batch(s.train_data.batch(step, config.batch_size, config.seed),
-                              s.batch_sharding)
+  train_batch = _batch_reader(s)
 
   last_eval, last_eval_step = {}, None
   if start == 0 and not stop.requested:
