@@ -9,6 +9,8 @@
   cached as a ``tokenizer.json`` (``train.data.load_tokenizer`` reads it).
 * Timing (:func:`time_call`), results files written atomically (:func:`update_json`), and a
   description of the machine (:func:`machine_info`).
+* For the fine-tuning benchmarks' command lines and tables: :func:`parse_lrs`, :func:`mean_std`,
+  :func:`markdown_table`.
 """
 
 from __future__ import annotations
@@ -227,6 +229,37 @@ def _plain(value: Any) -> Any:
   if hasattr(value, "tolist"):
     return value.tolist()
   return str(value)
+
+
+def parse_lrs(text: str) -> dict[str, float]:
+  """``"adamw=1e-5,lora=3e-4"`` -> ``{"adamw": 1e-05, "lora": 0.0003}``.
+
+  Examples:
+    >>> parse_lrs("adamw=1e-5, lora=3e-4")
+    {'adamw': 1e-05, 'lora': 0.0003}
+  """
+  out = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--lrs: {item!r} is not OPTIMIZER=LR")
+    out[name.strip()] = float(value)
+  return out
+
+
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+  """``"mean ± std"`` of ``values`` times ``scale`` (the mean alone for one value, ``-`` for none).
+
+  Examples:
+    >>> mean_std([0.5, 0.7], 100)
+    '60.0 ± 14.1'
+  """
+  if not values:
+    return "-"
+  mean = statistics.fmean(values) * scale
+  if len(values) < 2:
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

@@ -79,20 +79,7 @@ SETTING_FIELDS = ("init", "task", "data", "eval_data", "steps", "seq_len", "batc
                   "warmup_steps", "eval_examples", "max_new_tokens", "rank", "extra")
 
 
-def parse_lrs(text: str) -> dict[str, float]:
-  """``"adamw=1e-5,lora=3e-4"`` -> ``{"adamw": 1e-05, "lora": 0.0003}``.
-
-  Examples:
-    >>> parse_lrs("adamw=1e-5, lora=3e-4")
-    {'adamw': 1e-05, 'lora': 0.0003}
-  """
-  out = {}
-  for item in filter(None, (part.strip() for part in text.split(","))):
-    name, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"--lrs: {item!r} is not OPTIMIZER=LR")
-    out[name.strip()] = float(value)
-  return out
+parse_lrs = _common.parse_lrs
 
 
 def setting_of(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,13 +179,7 @@ def run_one(setting: dict[str, Any], optimizer: str, lr: float, seed: int,
 # The report.
 
 
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-  if not values:
-    return "-"
-  mean = statistics.fmean(values) * scale
-  if len(values) < 2:
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+_mean_std = _common.mean_std
 
 
 def _order(name: str) -> tuple:
