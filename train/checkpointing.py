@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 _ORBAX_DIR = os.path.dirname(ocp.__file__)
-_FILTERED_LOGGERS = ("absl", "asyncio")
 _MESSAGE_CHARS = 300
 
 
@@ -67,24 +66,30 @@ def _one_line(error: BaseException) -> str:
 
 
 def _from_orbax(record: logging.LogRecord) -> bool:
-  if record.levelno < logging.ERROR:
-    return False
-  if record.name == "asyncio":
-    # "Task exception was never retrieved" for one of orbax's abandoned read tasks: asyncio logs
-    # it when the task is garbage-collected, naming the task's coroutine and its file.
-    return _ORBAX_DIR in record.getMessage()
-  return record.pathname.startswith(_ORBAX_DIR)
+  return record.levelno >= logging.ERROR and record.pathname.startswith(_ORBAX_DIR)
 
 
 class _DropOrbaxErrors(logging.Filter):
-  """Drops orbax's error records (tracebacks of failures the caller gets as exceptions).
-
-  Installed on the ``absl`` logger (orbax's own records) and the ``asyncio`` logger (orbax's
-  read tasks abandoned after the first failed read).
-  """
+  """Drops orbax's error records (tracebacks of failures the caller gets as exceptions)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     return not _from_orbax(record)
+
+
+class _DropAbandonedOrbaxReads(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's abandoned read tasks.
+
+  After the first failed read of a damaged checkpoint, orbax leaves its other read tasks behind;
+  asyncio logs each one's exception (a page of traceback) whenever the task is garbage-collected,
+  which may be long after the restore has failed and its manager closed. So this filter stays on
+  the ``asyncio`` logger for the life of the process; it drops only records naming orbax's files.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and _ORBAX_DIR in record.getMessage())
+
+
+logging.getLogger("asyncio").addFilter(_DropAbandonedOrbaxReads())
 
 
 class _QuietOrbaxReads:
@@ -145,8 +150,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self._filter = _DropOrbaxErrors()
-    for name in _FILTERED_LOGGERS:
-      logging.getLogger(name).addFilter(self._filter)
+    logging.getLogger("absl").addFilter(self._filter)
     self._hook = _QuietOrbaxReads()
     sys.unraisablehook = self._hook
     options = ocp.CheckpointManagerOptions(
@@ -240,9 +244,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  (orbax raises a bare Exception)
       if not _is_read_failure(e):
         raise
-      # Collect orbax's abandoned read tasks now, while the filters above are installed: asyncio
-      # logs each one's unretrieved exception (a page of traceback) when it is collected.
-      gc.collect()
+      gc.collect()  # orbax's abandoned read coroutines, while the unraisable hook is installed
       raise CheckpointError(f"checkpoint {step} in {self.directory}: {_one_line(e)}") from e
     return state, restored.meta
 
@@ -345,7 +347,6 @@ class Checkpointer:
       self._release_hooks()
 
   def _release_hooks(self) -> None:
-    for name in _FILTERED_LOGGERS:
-      logging.getLogger(name).removeFilter(self._filter)
+    logging.getLogger("absl").removeFilter(self._filter)
     if sys.unraisablehook is self._hook:
       sys.unraisablehook = self._hook.previous
