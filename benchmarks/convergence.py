@@ -304,7 +304,8 @@ class Runner:
     return record
 
 
-def _final(record: dict[str, Any]) -> float:
+def final_loss(record: dict[str, Any]) -> float:
+  """A run's final held-out loss; ``inf`` for a diverged run (it ranks last)."""
   value = record["final_eval_loss"]
   return value if value is not None and math.isfinite(value) else float("inf")
 
@@ -315,13 +316,13 @@ def chosen_lrs(runs: dict[str, Any]) -> dict[str, float]:
   for r in runs.values():
     if r["tag"] != "sweep":
       continue
-    loss = _final(r)
+    loss = final_loss(r)
     if r["variant"] not in best or loss < best[r["variant"]][0]:
       best[r["variant"]] = (loss, r["lr"])
   return {v: lr for v, (_, lr) in best.items()}
 
 
-def _runs_at(runs, variant, overrides, lr) -> dict[int, dict[str, Any]]:
+def runs_at(runs, variant, overrides, lr) -> dict[int, dict[str, Any]]:
   """Seed -> record for the runs of ``variant`` with exactly ``overrides`` at ``lr``.
 
   Records marked ``stale`` (made with an older library whose numerics differ, kept for the lr
@@ -360,7 +361,7 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
       rec = next((r for r in runs.values() if r["tag"] == "sweep" and r["variant"] == v
                   and r["lr"] == lr), None)
       cells.append("-" if rec is None else "diverged" if rec["diverged"]
-                   else f"{_final(rec):.4f}")
+                   else f"{final_loss(rec):.4f}")
     if any(c != "-" for c in cells):
       rows.append([v] + cells + [f"{lrs[v]:g}" if v in lrs else "-"])
   if rows:
@@ -368,14 +369,14 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
         ["variant"] + [f"lr {lr:g}" for lr in grid] + ["chosen"], rows))
 
   # Seeds at the chosen lr.
-  base = {v: _runs_at(runs, v, {}, lrs[v]) for v in lrs}
+  base = {v: runs_at(runs, v, {}, lrs[v]) for v in lrs}
   ref = base.get("galore", {})
   rows = []
   for v, by_seed in base.items():
-    finals = [_final(r) for _, r in sorted(by_seed.items())]
+    finals = [final_loss(r) for _, r in sorted(by_seed.items())]
     if not finals:
       continue
-    paired = [_final(by_seed[s]) - _final(ref[s]) for s in sorted(by_seed) if s in ref]
+    paired = [final_loss(by_seed[s]) - final_loss(ref[s]) for s in sorted(by_seed) if s in ref]
     wins = sum(d < 0 for d in paired)
     rows.append([v, f"{lrs[v]:g}", len(finals), _spread(finals),
                  f"{min(finals):.4f} / {max(finals):.4f}",
@@ -396,7 +397,7 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
         continue
       lr = lrs[variant]
       tried = [o for v, o in entries if v == variant]
-      measured = {json.dumps(o, sort_keys=True): _runs_at(runs, variant, o, lr) for o in tried}
+      measured = {json.dumps(o, sort_keys=True): runs_at(runs, variant, o, lr) for o in tried}
       base_runs = base.get(variant, {})
       knob = next(iter(tried[0]))
       defaults = {"rank": data["setting"]["rank"], "refresh_policy": "keep", "proj_type": "std",
@@ -407,12 +408,12 @@ def report(out: pathlib.Path, plot: bool = True) -> str:
         by_seed = measured[json.dumps(o, sort_keys=True)]
         seeds = sorted(set(by_seed) & set(base_runs))
         if seeds:
-          deltas = [_final(by_seed[s]) - _final(base_runs[s]) for s in seeds]
-          cells.append((str(o[knob]), seeds, [_final(by_seed[s]) for s in seeds], deltas))
+          deltas = [final_loss(by_seed[s]) - final_loss(base_runs[s]) for s in seeds]
+          cells.append((str(o[knob]), seeds, [final_loss(by_seed[s]) for s in seeds], deltas))
       if not cells:
         continue
       seeds = sorted(set().union(*[c[1] for c in cells]))
-      cells.insert(0, (f"{defaults[knob]} (base)", seeds, [_final(base_runs[s]) for s in seeds],
+      cells.insert(0, (f"{defaults[knob]} (base)", seeds, [final_loss(base_runs[s]) for s in seeds],
                        [0.0] * len(seeds)))
       best = min((statistics.fmean(c[3]), c[0]) for c in cells)[1]
       for label, row_seeds, finals, deltas in cells:
@@ -455,7 +456,7 @@ def _plot(path: pathlib.Path, base: dict[str, dict[int, dict[str, Any]]],
   finished = [[r for r in b.values() if not r["diverged"]] for b in base.values()]
   finished = [records for records in finished if records]
   if finished:
-    means = [statistics.fmean(_final(r) for r in records) for records in finished]
+    means = [statistics.fmean(final_loss(r) for r in records) for records in finished]
     close = [r for records, m in zip(finished, means) if m <= min(means) + 0.2 for r in records]
     last = close[0]["eval_steps"][-1]
     tail = [l for r in close for s, l in zip(r["eval_steps"], r["eval_loss"]) if s >= last / 2]

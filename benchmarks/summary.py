@@ -66,8 +66,8 @@ def table(runs: dict[str, Any], memory: list[dict[str, Any]], base: str) -> str:
   lrs = convergence.chosen_lrs(runs)
   if base not in lrs:
     raise SystemExit(f"no runs of the base variant {base!r}; have {sorted(lrs)}")
-  by_seed = {v: {s: convergence._final(r)  # pylint: disable=protected-access
-                 for s, r in convergence._runs_at(runs, v, {}, lrs[v]).items()}  # pylint: disable=protected-access
+  by_seed = {v: {s: convergence.final_loss(r)
+                 for s, r in convergence.runs_at(runs, v, {}, lrs[v]).items()}
              for v in lrs}
   state = {(r["preset"], r["optimizer"]): r["total"] for r in memory}
   rows = []
