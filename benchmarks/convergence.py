@@ -482,6 +482,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--optimizers", default=",".join(VARIANTS),
                       help="variants to run (default: all)")
   parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (seeds, ablations)")
+  parser.add_argument("--only-seeds", default="",
+                      help="comma-separated subset of those seeds to run here (to run seeds in "
+                           "parallel processes writing the same JSON)")
   parser.add_argument("--lrs", default="",
                       help="comma-separated lrs replacing every variant's sweep grid")
   parser.add_argument("--report", action="store_true", help="only print tables / draw the plot")
@@ -507,6 +510,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   unknown += [a for a in ablations if a not in ABLATIONS]
   if unknown:
     parser.error(f"unknown optimizer/ablation {unknown}")
+  seeds = list(range(args.seeds))
+  if args.only_seeds:
+    seeds = sorted({int(x) for x in args.only_seeds.split(",") if x})
+    if not set(seeds) <= set(range(args.seeds)):
+      parser.error(f"--only-seeds {args.only_seeds}: each must be in 0..{args.seeds - 1}")
   if not args.report:
     setting = dataclasses.replace(preset, **{
         f.name: getattr(args, f.name) for f in dataclasses.fields(Setting)
@@ -527,11 +535,11 @@ def main(argv: Optional[list[str]] = None) -> int:
       if missing:
         raise SystemExit(f"no sweep results for {missing}: run --phase sweep first")
     if args.phase in ("seeds", "all"):
-      for seed in range(args.seeds):
+      for seed in seeds:
         for v in variants:
           runner.run(v, {}, lrs[v], seed, tag="seeds", force=args.force)
     for name in ablations:
-      for seed in range(args.seeds):
+      for seed in seeds:
         for v, overrides in ABLATIONS[name]:
           wanted = [x for x in args.values.split(",") if x]
           if wanted and not any(str(value) in wanted for value in overrides.values()):
