@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -30,8 +31,6 @@ STEPS, STOP_AT, BATCH = 4, 2, 8
 MODEL = ["--model", "tiny", "--override", "num_layers=1", "--override", "hidden_size=64",
          "--override", "intermediate_size=128", "--override", "max_position_embeddings=64"]
 TIMEOUT_S = 600
-
-pytestmark = pytest.mark.slow
 
 
 def _simulated_rows(spec: str, processes: int = 2, devices_per_process: int = 2
@@ -159,19 +158,31 @@ def _start_two(workdir, inputs, *extra) -> list[tuple[subprocess.Popen, pathlib.
 
 
 def _finish(started) -> list[str]:
-  """Waits for every process; returns their outputs, or fails naming the first that failed."""
+  """Waits for every process; returns their outputs, or fails naming the first that failed.
+
+  One that fails stops the others at once (they would wait for it until jax.distributed's
+  timeout).
+  """
+  deadline = time.monotonic() + TIMEOUT_S
   try:
-    codes = [proc.wait(timeout=TIMEOUT_S) for proc, _ in started]
+    while time.monotonic() < deadline:
+      codes = [proc.poll() for proc, _ in started]
+      if None not in codes or any(codes):
+        break
+      time.sleep(0.2)
   finally:
     for proc, _ in started:
       if proc.poll() is None:
         proc.kill()
         proc.wait()
+  codes = [proc.returncode for proc, _ in started]
   outputs = [log.read_text() for _, log in started]
   for i, (code, output) in enumerate(zip(codes, outputs)):
     if code:
-      pytest.fail(f"process {i} of {len(started)} exited with {code} (two processes talk through"
-                  " jax.distributed with gloo CPU collectives: is jaxlib built with gloo?)\n"
+      why = (f"killed: it ran past {TIMEOUT_S} s or another process failed" if code < 0 else
+             "the processes talk through jax.distributed with gloo CPU collectives: is jaxlib"
+             " built with gloo?")
+      pytest.fail(f"process {i} of {len(started)} exited with {code} ({why})\n"
                   + "\n".join(output.splitlines()[-25:]), pytrace=False)
   return outputs
 
@@ -192,6 +203,7 @@ def _checkpoint_entries(workdir) -> list[str]:
   return sorted(os.listdir(pathlib.Path(workdir) / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_save_each_checkpoint_once_and_resume(tmp_path):
   inputs = Inputs(tmp_path)
   reference, two = tmp_path / "one-process", tmp_path / "two-processes"
