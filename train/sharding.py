@@ -7,12 +7,14 @@ dimensions"). Batches are split over
 the data axis (and fsdp under FSDP) as ``models.llama.batch_spec`` says;
 parameters follow ``models.llama.partition_specs``;
 optimizer state gets shardings of its own from ``ngalore_jax.state_shardings``.
+:func:`collective_bytes` measures what a compiled program's collectives move.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -130,3 +132,92 @@ def state_shardings(tx: Any, abstract_params: Any) -> Any:
 def put_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """Places a host batch (the same global array on every process) on the mesh."""
   return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+# `%name = <shape> <opcode>(<operands>)`; the shape is an array or a (nested) tuple of arrays.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.-]+)\s*=\s*(.+?)\s+([a-z][\w-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_NAME = re.compile(r"%?([\w.-]+)\s*$")
+
+
+def _element_bytes(dtype: str) -> int:
+  """Bytes per element of an HLO element type (``f32``, ``bf16``, ``pred``, ``f8e4m3fn``)."""
+  if dtype == "pred":
+    return 1
+  bits = re.match(r"[a-z]+(\d+)", dtype)
+  return max(1, int(bits.group(1)) // 8) if bits else 0  # `token[]` and the like: 0
+
+
+def _shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string (a tuple counts all its arrays)."""
+  return sum(_element_bytes(dtype) * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in _ARRAY.findall(shape))
+
+
+def _operands(text: str) -> list[str]:
+  """Top-level operands of an instruction: the text up to its closing parenthesis, split."""
+  depth, end = 0, len(text)
+  for i, ch in enumerate(text):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if depth < 0:
+      end = i
+      break
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text[:end]):
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  parts.append(text[start:end])
+  return [p.strip() for p in parts if p.strip()]
+
+
+def collective_bytes(compiled: Any) -> dict[str, int]:
+  """Bytes each kind of collective moves, per device, in a compiled SPMD program.
+
+  Reads the HLO text of the partitioned program (shapes there are per device).
+  Each collective counts the larger of its operands and its result: the
+  gathered array for an all-gather, the input for a reduce-scatter, the buffer
+  for an all-reduce, all-to-all or collective-permute. An asynchronous pair
+  (``all-gather-start`` / ``all-gather-done``) counts once, from its ``-done``
+  result. Every instruction counts once: a collective in a loop body is not
+  multiplied by the trip count, and both branches of a conditional count.
+
+  Args:
+    compiled: a ``jax.stages.Compiled`` (``jax.jit(f).lower(...).compile()``),
+      or its ``as_text()``.
+
+  Returns:
+    ``{kind: bytes}`` for every kind in ``COLLECTIVES`` (0 when absent).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> collective_bytes(jax.jit(jnp.sin).lower(jnp.zeros(4)).compile())["all-reduce"]
+    0
+  """
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  shapes, found = {}, []
+  for line in text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match is None:
+      continue
+    name, shape, opcode, rest = match.groups()
+    shapes[name] = shape
+    done = opcode.endswith("-done")  # its operand is the `-start` tuple: count the result
+    kind = opcode[:-len("-done")] if done else opcode
+    if kind in COLLECTIVES:
+      found.append((kind, shape, [] if done else _operands(rest)))
+  totals = dict.fromkeys(COLLECTIVES, 0)
+  for kind, shape, operands in found:
+    operand_bytes = 0
+    for operand in operands:
+      # `%name` (typed by its own instruction), or `<shape> %name` in some printers.
+      typed = _shape_bytes(operand)
+      name = _NAME.search(operand)
+      operand_bytes += typed or _shape_bytes(shapes.get(name.group(1) if name else "", ""))
+    totals[kind] += max(_shape_bytes(shape), operand_bytes)
+  return totals
