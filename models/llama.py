@@ -47,11 +47,14 @@ prompt, then one token at a time, against a fixed-size key/value cache:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec
 
 from models import layers
 from models.layers import KVCache
@@ -263,6 +266,52 @@ def _call_block(block: Block, x: jax.Array, positions: jax.Array) -> jax.Array:
   return block(x, positions)
 
 
+def _batch_layout(batch: int) -> tuple[Any, str | None, int] | None:
+  """How activations are split under an Auto context mesh (``jax.set_mesh``).
+
+  Args:
+    batch: the batch size.
+
+  Returns:
+    ``(batch_axes, data_axis, fsdp_size)``: the mesh axes of the batch dim
+    (:func:`batch_spec`'s FSDP split over the ``data`` and ``fsdp`` axes the mesh
+    has), the ``data`` axis (None if absent) and the ``fsdp`` axis size (1 if
+    absent). None without a context mesh, under an Explicit one (shardings travel
+    in the types there, see :class:`models.layers.Embed`), without either axis,
+    or when the batch does not split evenly: activations are then left to XLA.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t != AxisType.Auto for t in mesh.axis_types):
+    return None
+  axes = batch_spec("fsdp", mesh=mesh)[0]
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  if not names or batch % math.prod(mesh.shape[a] for a in names):
+    return None
+  return axes, ("data" if "data" in mesh.shape else None), mesh.shape.get("fsdp", 1)
+
+
+def _constrain(x: jax.Array, *spec: Any) -> jax.Array:
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def _embed_split(embed: layers.Embed, tokens: jax.Array, batch_axes: Any,
+                 data_axis: str | None, fsdp_size: int) -> jax.Array:
+  """``embed(tokens)`` split over ``batch_axes`` along the batch, by an explicit route.
+
+  Under FSDP the table is split over ``fsdp`` along its width. The lookup takes
+  the token ids gathered over ``fsdp`` (small integers) and returns width-split
+  rows; one all-to-all makes them batch-split. The backward pass is the reverse
+  all-to-all and a scatter-add into the table's own shard. Left to itself, XLA
+  moves that cotangent from the batch to the width layout by replicating it
+  ("Involuntary full rematerialization"), an all-gather of a whole activation.
+  """
+  if fsdp_size > 1 and embed.embedding.shape[1] % fsdp_size == 0:
+    x = _constrain(embed(_constrain(tokens, data_axis, None)), data_axis, None, "fsdp")
+  else:
+    x = embed(tokens)
+  return _constrain(x, batch_axes, None, None)
+
+
 class Llama(nnx.Module):
   """The LLaMA decoder-only language model.
 
@@ -292,6 +341,11 @@ class Llama(nnx.Module):
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """Next-token logits.
 
+    Under an Auto context mesh (``jax.set_mesh``, as ``train.build`` does) the
+    embedding output and the residual stream between blocks are pinned to the
+    batch's split over the ``data`` and ``fsdp`` axes, so the backward pass keeps
+    one activation layout; without a mesh nothing changes.
+
     Args:
       tokens: integer token ids, ``[batch, seq]``.
       positions: optional integer positions for RoPE, ``[batch, seq]``; defaults
@@ -314,9 +368,12 @@ class Llama(nnx.Module):
       if config.remat_policy is not None:
         policy = getattr(jax.checkpoint_policies, config.remat_policy)
       call_block = nnx.remat(_call_block, policy=policy)
-    x = self.embed(tokens)
+    layout = _batch_layout(batch)
+    x = self.embed(tokens) if layout is None else _embed_split(self.embed, tokens, *layout)
     for block in self.blocks:
       x = call_block(block, x, positions)
+      if layout is not None:  # the residual stream keeps the batch's split between blocks
+        x = _constrain(x, layout[0], None, None)
     return self._logits(self.final_norm(x))
 
   def _logits(self, x: jax.Array) -> jax.Array:

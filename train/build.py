@@ -223,13 +223,19 @@ def init_state(s: Setup) -> TrainState:
 
 
 def compile_train_step(s: Setup):
-  """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
-  return jax.jit(
+  """The train step, jitted with explicit shardings and donated state, compiled ahead of time.
+
+  It is traced under ``jax.set_mesh(s.mesh)``: the model pins its activations' batch split
+  to the mesh (``models.llama``), which keeps XLA from replicating them in the backward pass.
+  """
+  step = jax.jit(
       make_train_step(s.graphdef, s.tx, s.schedule, loss=s.loss,
                       parametrization=s.parametrization),
       in_shardings=(s.state_shardings, s.batch_sharding),
       out_shardings=(s.state_shardings, sharding_lib.replicated(s.mesh)),
-      donate_argnums=0).lower(s.abstract_state, s.abstract_batch).compile()
+      donate_argnums=0)
+  with jax.set_mesh(s.mesh):
+    return step.lower(s.abstract_state, s.abstract_batch).compile()
 
 
 class Evaluator:
