@@ -7,7 +7,17 @@ optimizer state when parameters are split over N devices (FSDP), using the shard
 ``memory_analysis()`` of the compiled full train step (forward, backward, optimizer update) for
 the presets named in ``--compiled-presets``.
 
+With ``--fit PRESET`` it instead compiles the whole train step of that preset for one device
+(or, with ``--fsdp N``, per device of N) as it would run on an accelerator of limited memory:
+bfloat16 weights and compute, activation checkpointing per block, batch 1, ``--seq`` tokens,
+and each layer's optimizer update applied as soon as its gradient exists
+(:mod:`train.per_layer`); it prints XLA's memory analysis for AdamW, 8-bit AdamW, GaLore 8-bit
+and Natural GaLore 8-bit, one line each ending ``peak N GiB``. ``--mechanism xla`` compiles the
+plain step instead (``value_and_grad``, ``tx.update``, ``apply_updates``; no clipping), to see
+what XLA's scheduling alone does with it.
+
 Run:  python -m benchmarks.memory [--presets 60m,1b,7b] [--fsdp 8] [--compiled]
+      python -m benchmarks.memory --fit 7b [--seq 2048] [--fsdp 8] [--mechanism xla]
 """
 
 import argparse
@@ -17,11 +27,18 @@ import os
 import pathlib
 import sys
 
+_FLAGS = []
 if "--fsdp" in sys.argv:  # fake CPU devices must be requested before jax is imported
-  count = sys.argv[sys.argv.index("--fsdp") + 1]
-  os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={count}")
+  _FLAGS.append(f"--xla_force_host_platform_device_count={sys.argv[sys.argv.index('--fsdp') + 1]}")
+if "--fit" in sys.argv:
+  # Only the machine-code generation is made cheaper: memory_analysis() comes from the HLO
+  # schedule and buffer assignment, which this flag does not touch (same bytes, 1.5x faster).
+  _FLAGS.append("--xla_backend_optimization_level=0")
+if _FLAGS:
+  os.environ.setdefault("XLA_FLAGS", " ".join(_FLAGS))
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -31,6 +48,7 @@ import optax
 import ngalore_jax as ng
 from models import llama
 from train import optimizers as train_optimizers
+from train import per_layer
 from train import steps
 
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
@@ -133,6 +151,152 @@ def memory_analysis_bytes(compiled):
   }
 
 
+#: label -> (registered optimizer, its options besides the rank): the ``--fit`` table's rows.
+FIT_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "adamw 8-bit": ("adamw_8bit", {}),
+    "galore 8-bit": ("galore", {"adam_8bit": 1}),
+    "natural_galore 8-bit": ("natural_galore", {"adam_8bit": 1}),
+}
+
+FIT_MECHANISMS = ("per_layer", "xla")
+
+
+def fit_config(preset: str, dtype: str = "bfloat16",
+               num_layers: int | None = None) -> llama.LlamaConfig:
+  """``preset`` as ``--fit`` compiles it: ``dtype`` weights and compute (bfloat16 unless
+  given), blocks rematerialised, optionally fewer blocks."""
+  config = llama.CONFIGS[preset]
+  return dataclasses.replace(config, dtype=dtype, param_dtype=dtype, remat=True,
+                             num_layers=num_layers or config.num_layers)
+
+
+def _plain_step(graphdef, tx):
+  """The plain step: the whole gradient, then the whole update (no clipping, no metrics)."""
+
+  def train_step(state, batch):
+    loss, grads = jax.value_and_grad(steps.cross_entropy, argnums=1)(graphdef, state.params,
+                                                                     batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return steps.TrainState(state.step + 1, params, opt_state, state.rng), loss
+
+  return train_step
+
+
+def _shard_bytes(abstract, shardings=None) -> int:
+  """Bytes of a tree of abstract arrays, per device when ``shardings`` are given."""
+  leaves = jax.tree.leaves(abstract)
+  if shardings is None:
+    return sum(jnp.dtype(x.dtype).itemsize * math.prod(x.shape) for x in leaves)
+  return sum(jnp.dtype(x.dtype).itemsize * math.prod(s.shard_shape(x.shape))
+             for x, s in zip(leaves, jax.tree.leaves(shardings)))
+
+
+def fit_step_memory(config: llama.LlamaConfig, tx: optax.GradientTransformation, *,
+                    seq: int, batch: int = 1, mechanism: str = "per_layer",
+                    mesh: Any = None) -> dict[str, Any]:
+  """XLA's memory analysis of one compiled train step of ``config`` (nothing is allocated).
+
+  Args:
+    config: the model (see :func:`fit_config`).
+    tx: the optimizer (no clipping).
+    seq: tokens per sequence.
+    batch: sequences per step.
+    mechanism: ``"per_layer"`` (:func:`train.per_layer.make_train_step`) or ``"xla"`` (the plain
+      step, leaving the order of the work to XLA).
+    mesh: a one-axis ``("fsdp",)`` mesh to shard parameters and state over (FSDP, as
+      :func:`models.llama.partition_specs` and :func:`ngalore_jax.state_shardings` place them);
+      the figures are then per device.
+
+  Returns:
+    Weight and state bytes (per device), :func:`memory_analysis_bytes` and the compile time.
+  """
+  if mechanism not in FIT_MECHANISMS:
+    raise ValueError(f"mechanism must be one of {FIT_MECHANISMS}, got {mechanism!r}")
+  graphdef, params = llama.abstract_params(config)
+  if mechanism == "per_layer":
+    init, train_step = per_layer.init, per_layer.make_train_step(
+        graphdef, tx, optax.constant_schedule(1e-3))
+  else:
+    init, train_step = (lambda t, p: t.init(p)), _plain_step(graphdef, tx)
+  state = jax.eval_shape(
+      lambda p: steps.TrainState(jnp.zeros((), jnp.int32), p, init(tx, p),
+                                 jax.random.PRNGKey(0)), params)
+  tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+  jitted = jax.jit(train_step, donate_argnums=0)
+  param_shardings = state_shardings = None
+  if mesh is not None:
+    specs = llama.partition_specs(params, strategy="fsdp", fsdp_axis="fsdp")
+    param_shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+    sharded = jax.tree.map(
+        lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), params, param_shardings)
+    if mechanism == "per_layer":  # one state per part, each placed as for its own params
+      parts = per_layer.split_parts(sharded)
+      opt_shardings = {"embed": ng.state_shardings(tx, parts["embed"]),
+                       "blocks": tuple(ng.state_shardings(tx, b) for b in parts["blocks"]),
+                       "head": ng.state_shardings(tx, parts["head"])}
+    else:
+      opt_shardings = ng.state_shardings(tx, sharded)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = steps.TrainState(replicated, param_shardings, opt_shardings, replicated)
+    jitted = jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, replicated),
+                     out_shardings=(state_shardings, replicated))
+  start = time.perf_counter()
+  compiled = jitted.lower(state, tokens).compile()
+  seconds = time.perf_counter() - start
+  return {
+      "weight_bytes": _shard_bytes(state.params, param_shardings),
+      "state_bytes": _shard_bytes(state.opt_state,
+                                  None if state_shardings is None else state_shardings.opt_state),
+      **memory_analysis_bytes(compiled),
+      "compile_seconds": round(seconds, 1),
+  }
+
+
+def fit_line(row: dict[str, Any]) -> str:
+  """One ``--fit`` row as text, ending ``peak N GiB``."""
+  where = f"FSDP {row['fsdp']}, per device" if row["fsdp"] else "1 device"
+  return (f"{row['preset']} seq {row['seq']} batch {row['batch']} ({where}, {row['mechanism']}) "
+          f"| {row['optimizer']:<20} | weights {row['weight_bytes'] / GIB:.2f} GiB | state "
+          f"{row['state_bytes'] / GIB:.2f} GiB | temporaries {row['temp_bytes'] / GIB:.2f} GiB "
+          f"| peak {row['peak_estimate_bytes'] / GIB:.2f} GiB")
+
+
+def fit(preset: str, *, seq: int, batch: int = 1, fsdp: int = 0, mechanism: str = "per_layer",
+        config: llama.LlamaConfig | None = None, rank: int | None = None,
+        variants: dict[str, tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+  """The ``--fit`` rows of ``preset`` (``config`` and ``rank`` override the preset's)."""
+  config = fit_config(preset) if config is None else config
+  preset = preset if config.num_layers == llama.CONFIGS.get(preset, config).num_layers else (
+      f"{preset} ({config.num_layers} layers)")
+  if config.param_dtype != "bfloat16":
+    preset += f" {config.param_dtype}"
+  rank = PAPER_RANKS[preset] if rank is None else rank
+  mesh = jax.make_mesh((fsdp,), ("fsdp",)) if fsdp else None
+  rows = []
+  for label, (name, options) in (FIT_VARIANTS if variants is None else variants).items():
+    tx = _config(name, options, rank).build(1e-3)
+    row = {"preset": preset, "seq": seq, "batch": batch, "fsdp": fsdp, "mechanism": mechanism,
+           "rank": rank, "optimizer": label,
+           **fit_step_memory(config, tx, seq=seq, batch=batch, mechanism=mechanism, mesh=mesh)}
+    print(fit_line(row), flush=True)
+    rows.append(row)
+  return rows
+
+
+def _write_fit(rows, out):
+  """Adds ``rows`` to the JSON file ``out``, replacing rows of the same setting."""
+  key = lambda r: (r["preset"], r["seq"], r["batch"], r["fsdp"], r["mechanism"], r["optimizer"])
+  out = pathlib.Path(out)
+  old = json.loads(out.read_text()) if out.exists() else []
+  new = {key(r) for r in rows}
+  merged = [r for r in old if key(r) not in new] + rows
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(merged, indent=1))
+  print(f"\nwrote {out}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--presets", default="60m,130m,350m,1b,7b")
@@ -142,8 +306,30 @@ def main(argv=None):
   parser.add_argument("--compiled-presets", default="60m")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--out", default="benchmarks/results/memory.json")
+  parser.add_argument("--out", default=None,
+                      help="default: benchmarks/results/memory.json (memory_fit_<preset>.json "
+                      "with --fit)")
+  parser.add_argument("--fit", default=None, metavar="PRESET",
+                      help="compile PRESET's bf16, rematerialised train step at batch 1 and "
+                      "print its memory per optimizer (--seq, --fsdp, --mechanism)")
+  parser.add_argument("--seq-len", dest="seq", type=int, default=argparse.SUPPRESS,
+                      help="alias of --seq")
+  parser.add_argument("--mechanism", default="per_layer", choices=FIT_MECHANISMS)
+  parser.add_argument("--fit-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  parser.add_argument("--layers", type=int, default=None, help="--fit with fewer blocks")
+  parser.add_argument("--optimizers", default=",".join(FIT_VARIANTS),
+                      help="--fit rows, comma-separated labels of FIT_VARIANTS")
   args = parser.parse_args(argv)
+
+  if args.fit:
+    print(f"Train step of {args.fit} (bf16, remat, batch 1): XLA memory_analysis; peak = "
+          "arguments + outputs - donated + temporaries\n", flush=True)
+    rows = fit(args.fit, seq=args.seq, fsdp=args.fsdp, mechanism=args.mechanism,
+               config=fit_config(args.fit, args.fit_dtype, args.layers),
+               variants={k: FIT_VARIANTS[k] for k in args.optimizers.split(",")})
+    _write_fit(rows, args.out or f"benchmarks/results/memory_fit_{args.fit}.json")
+    return
+  args.out = args.out or "benchmarks/results/memory.json"
 
   mesh = jax.make_mesh((args.fsdp,), ("fsdp",)) if args.fsdp else None
   rows = []
