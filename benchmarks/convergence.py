@@ -103,6 +103,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "natural_galore_reverse": ("natural_galore", dict(
         exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=10,
         history_dtype="float32", refresh_policy="keep", proj_type="reverse_std")),
+    # The authors' two-sided projection with the memory-lean history (int8, 4 deep) and Adam's
+    # default eps: how much of their preset's result survives at GaLore-full's memory.
+    "natural_galore_full_int8": ("natural_galore", dict(
+        exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=4,
+        history_dtype="int8", refresh_policy="keep", proj_type="full")),
     # The libraries' defaults (reverse_std, refresh "rotate"; Natural GaLore: int8 history of 4).
     "galore_defaults": ("galore", {}),
     "natural_galore_defaults": ("natural_galore", {}),
@@ -486,7 +491,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="comma-separated subset of those seeds to run here (to run seeds in "
                            "parallel processes writing the same JSON)")
   parser.add_argument("--lrs", default="",
-                      help="comma-separated lrs replacing every variant's sweep grid")
+                      help="comma-separated lrs replacing every variant's sweep grid; with "
+                           "--phase seeds one lr, used for variants with no sweep result yet")
   parser.add_argument("--report", action="store_true", help="only print tables / draw the plot")
   parser.add_argument("--setting", choices=tuple(SETTINGS), default="small",
                       help="named setting: its values (each flag below overrides one) and its "
@@ -531,6 +537,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           runner.run(v, {}, lr, 0, tag="sweep", force=args.force)
     if args.phase in ("seeds", "all") or ablations:
       lrs = chosen_lrs(runner.runs())
+      if args.phase == "seeds" and len(args.lrs.split(",")) == 1 and args.lrs:
+        # One --lrs value with --phase seeds: the lr of variants whose sweep is not written yet
+        # (seed 0 still running in another process).
+        lrs = {v: lrs.get(v, float(args.lrs)) for v in variants}
       missing = [v for v in variants if v not in lrs]
       if missing:
         raise SystemExit(f"no sweep results for {missing}: run --phase sweep first")
