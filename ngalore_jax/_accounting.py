@@ -42,7 +42,8 @@ def optimizer_state_bytes(state: Any) -> dict[str, int]:
     per-slot scales of an int8 history), wherever they are.
   - ``curvature``: Kronecker factors, their scales and cached roots
     (:class:`KroneckerState`), wherever they are.
-  - ``other``: everything else (full-rank Adam moments of unprojected leaves, counters, ...).
+  - ``other``: everything else (full-rank Adam moments of unprojected leaves, counters, the
+    ``s x s`` Gram matrices and slot maxima Natural GaLore keeps beside its histories, ...).
 
   Args:
     state: An optimizer state, concrete or abstract (``jax.eval_shape(tx.init, params)``, so
@@ -80,6 +81,9 @@ def optimizer_state_bytes(state: Any) -> dict[str, int]:
         walk(leaf.count, category)
         walk(leaf.history, "history")
         walk(leaf.scales, "history")  # an int8 history's per-slot scales
+        # The kept s x s Gram matrix and slot maxima: a few numbers per leaf whatever its size,
+        # derived from the history (not part of its s x coefficients).
+        walk((leaf.gram, leaf.maxima), "other")
       elif isinstance(leaf, KroneckerState):
         walk(leaf.count, category)
         walk((leaf.rows, leaf.cols, leaf.scale, leaf.inverse_root, leaf.root_scale),

@@ -281,12 +281,18 @@ def galore_projection(
       svd_kwargs = dict(method=svd_method, key=key, oversampling=oversampling,
                         power_iterations=power_iterations)
       dtype = factors[0].dtype
-      def refreshed_factors():
-        return _plans.align_signs(plan.compute_factors(g, dtype, **svd_kwargs), factors)
+      def refreshed():
+        new_factors = _plans.align_signs(plan.compute_factors(g, dtype, **svd_kwargs), factors)
+        return new_factors, _refreshed_inner_state(refresh_policy, inner, plan, factors,
+                                                   new_factors, inner_state, g.dtype)
 
-      new_factors = jax.lax.cond(refresh, refreshed_factors, lambda: factors)
-      inner_state = _apply_refresh_policy(refresh_policy, inner, plan, refresh, factors,
-                                          new_factors, inner_state, g.dtype)
+      # The policy's work (a rotation reads and rewrites the whole inner state) runs inside
+      # the refresh branch: an ordinary step passes the state through untouched.
+      if refresh_policy == "keep":  # no state through the cond: nothing to copy
+        new_factors = jax.lax.cond(refresh, lambda: refreshed()[0], lambda: factors)
+      else:
+        new_factors, inner_state = jax.lax.cond(refresh, refreshed,
+                                                lambda: (factors, inner_state))
       coefficients = plan.project(g, new_factors)
       low_rank_update, new_inner = inner.update(
           coefficients, inner_state, _ParamsUnavailable(coefficients.shape))
@@ -356,15 +362,17 @@ _ROTATION_RULES = {
 }
 
 
-def _apply_refresh_policy(policy, inner, plan, refresh, old_factors, new_factors, inner_state,
-                          dtype):
-  """Returns ``inner_state`` adjusted for a projector change (a no-op unless ``refresh``)."""
+def _refreshed_inner_state(policy, inner, plan, old_factors, new_factors, inner_state, dtype):
+  """``inner_state`` adjusted by ``policy`` for a projector change (the refresh branch only).
+
+  The result has the dtypes of ``inner_state``: both branches of the refresh's ``lax.cond``
+  must agree.
+  """
   if policy == "keep":
     return inner_state
   if policy == "reset":
     fresh = inner.init(jnp.zeros(plan.coefficient_shape(), dtype))
-    return jax.tree.map(lambda f, s: jnp.where(refresh, f, s).astype(s.dtype), fresh,
-                        inner_state)
+    return jax.tree.map(lambda f, s: jnp.asarray(f, s.dtype), fresh, inner_state)
   rotation = plan.rotation(new_factors, old_factors)
 
   def rotate_node(node):
@@ -385,4 +393,4 @@ def _apply_refresh_policy(policy, inner, plan, refresh, old_factors, new_factors
 
   is_known = lambda x: type(x) in _ROTATION_RULES
   rotated = jax.tree.map(rotate_node, inner_state, is_leaf=is_known)
-  return jax.tree.map(lambda r, s: jnp.where(refresh, r, s), rotated, inner_state)
+  return jax.tree.map(lambda r, s: jnp.asarray(r, s.dtype), rotated, inner_state)

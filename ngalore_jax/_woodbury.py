@@ -30,10 +30,19 @@ class WoodburyState(NamedTuple):
     scales: ``None``, unless the history is int8: then per leaf a float32 vector of shape
       ``(history_size,)`` with each slot's dequantisation scale ``max|g| / 127`` (zero for an
       empty slot): slot ``i`` stands for ``history[i] * scales[i]``.
+    gram: Per leaf, the float32 ``(history_size, history_size)`` Gram matrix of the stored
+      slots, each normalised by its largest entry: ``<x_i / m_i, x_j / m_j>`` for the
+      (dequantised) slots ``x_i`` and ``m_i = maxima[i]`` (zero for an empty slot). Kept up to
+      date one row and column per step, so that a step reads the history twice (two matrix-vector
+      products) instead of forming ``H^T H``.
+    maxima: Per leaf, the float32 vector ``(history_size,)`` of each stored slot's largest
+      absolute entry ``m_i`` (zero for an empty slot).
   """
   count: chex.Array
   history: optax.Updates
   scales: Optional[optax.Updates] = None
+  gram: Optional[optax.Updates] = None
+  maxima: Optional[optax.Updates] = None
 
 
 def woodbury_precondition(
@@ -148,40 +157,79 @@ def woodbury_precondition(
       return _sharding.zeros((history_size,) + p.shape, dtype, like=p, axes_per_dim=axes)
 
     history = jax.tree.map(init_leaf, params)
-    scales = None
-    if quantised:
-      scales = jax.tree.map(lambda _: jnp.zeros((history_size,), jnp.float32), params)
-    return WoodburyState(count=jnp.zeros([], jnp.int32), history=history, scales=scales)
+    slots = lambda _: jnp.zeros((history_size,), jnp.float32)
+    scales = jax.tree.map(slots, params) if quantised else None
+    gram = jax.tree.map(lambda _: jnp.zeros((history_size, history_size), jnp.float32), params)
+    return WoodburyState(count=jnp.zeros([], jnp.int32), history=history, scales=scales,
+                         gram=gram, maxima=jax.tree.map(slots, params))
 
   def update_fn(updates, state, params=None):
     del params
+    # count >= 0, so the slot is in range: a plain in-place dynamic-update-slice of one row.
     position = state.count % history_size
+    slot = jnp.arange(history_size) == position
 
-    def precondition_leaf(g, history, scales):
+    def precondition_leaf(g, history, scales, gram, maxima):
       if g.size == 0:
-        return g, history, scales
+        return g, history, scales, gram, maxima
       g32 = g.astype(jnp.float32)
+      absmax = jnp.max(jnp.abs(g32))
+      unit_g = g32 / jnp.where(absmax > 0, absmax, 1.0)  # the current gradient, max entry 1
+      # Push: the stored slot ``x`` (rounded to the history's dtype) and its largest entry.
       if quantised:
-        q, scale = _quantize(g32)
-        history = history.at[position].set(q)
-        scales = scales.at[position].set(scale)
-        stored = _dequantize(history, scales)
+        stored, scale = _quantize(g32, absmax)
+        scales = jax.lax.dynamic_update_index_in_dim(scales, scale, position, 0)
+        stored_max = _INT8_LEVELS * scale
       else:
-        history = history.at[position].set(g.astype(history.dtype))
-        stored = history.astype(jnp.float32)
-      # The current gradient at full precision; older ones as stored.
-      stored = stored.at[position].set(g32)
-      direction = natural_direction(stored, position, damping, exponent=exponent,
-                                    damping_mode=damping_mode, use_cholesky=use_cholesky)
-      return direction.astype(g.dtype), history, scales
+        stored = g.astype(history.dtype)
+        stored_max = (absmax if history.dtype == g32.dtype else  # else absmax, rounded alike
+                      jnp.max(jnp.abs(stored)).astype(jnp.float32))
+      history = jax.lax.dynamic_update_index_in_dim(history, stored, position, 0)
+      maxima = jnp.where(slot, stored_max, maxima)
+      # The normalised slots u_i = x_i / m_i (the int8 values / 127), in float32: one pass
+      # over the updated history, which every product below reads (reading the history itself
+      # made XLA copy it).
+      if quantised:
+        factor = jnp.full_like(maxima, 1 / _INT8_LEVELS)
+      else:
+        factor = 1.0 / jnp.where(maxima > 0, maxima, 1.0)
+      units = history.astype(jnp.float32) * factor.reshape((history_size,) + (1,) * g.ndim)
+      # Inner products with the current gradient (for this step's solve) and with the stored
+      # slot (for the kept Gram): a matrix-vector product each. Slot `position` is replaced.
+      cross = _matvec(units, unit_g)
+      if quantised or history.dtype != g32.dtype:
+        stored_cross = _matvec(units, units[position])
+      else:  # the stored slot is the gradient itself
+        stored_cross = cross
+      gram = _replace_row_and_column(gram, slot, stored_cross)
+      # This step's Gram: the current gradient at full precision in its slot.
+      solve_gram = _replace_row_and_column(
+          gram, slot, jnp.where(slot, jnp.sum(unit_g * unit_g), cross))
+      solve_maxima = jnp.where(slot, absmax, maxima)
+      # Rescale to the history's largest entry (as natural_direction does): h_i = x_i / c.
+      largest = jnp.max(solve_maxima)
+      scale = jnp.where(largest > 0, largest, 1.0)
+      ratio = solve_maxima / scale
+      weights = _weights(solve_gram * ratio[:, None] * ratio[None, :], jnp.log(scale),
+                         position, damping, exponent=exponent, damping_mode=damping_mode,
+                         use_cholesky=use_cholesky)
+      # sum_i weights_i h_i = sum_i weights_i (m_i / c) u_i, the current slot at full precision.
+      coefficients = weights * ratio
+      direction = (_combine(jnp.where(slot, 0.0, coefficients), units)
+                   + coefficients[position] * unit_g)
+      return direction.astype(g.dtype), history, scales, gram, maxima
 
-    scales_tree = (jax.tree.map(lambda _: None, updates) if state.scales is None
-                   else state.scales)
-    new_updates, new_history, new_scales = _tree.map_unzip(
-        precondition_leaf, updates, state.history, scales_tree, num_outputs=3)
+    def per_leaf(tree):
+      return jax.tree.map(lambda _: None, updates) if tree is None else tree
+
+    outputs = _tree.map_unzip(
+        precondition_leaf, updates, state.history, per_leaf(state.scales),
+        per_leaf(state.gram), per_leaf(state.maxima), num_outputs=5)
+    new_updates, new_history, new_scales, new_gram, new_maxima = outputs
     count = optax.safe_int32_increment(state.count)
     return new_updates, WoodburyState(count=count, history=new_history,
-                                      scales=new_scales if quantised else None)
+                                      scales=new_scales if quantised else None,
+                                      gram=new_gram, maxima=new_maxima)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -201,22 +249,53 @@ def natural_direction(history: jax.Array, position, damping, *, exponent: float 
     >>> [round(float(x), 4) for x in ng.natural_direction(history, 1, 1.0)]
     [0.0, 0.4]
   """
-  s = history.shape[0]
-  leaf_ndim = history.ndim - 1
   h = history.astype(jnp.float32)
   # Rescale so the largest entry is 1: the Gram matrix can neither overflow nor underflow.
   scale = jnp.max(jnp.abs(h))
   scale = jnp.where(scale > 0, scale, 1.0)
   h = h / scale
-  sharding = _sharding.explicit_sharding(h)
-  leaf_axes = ([] if sharding is None else _sharding.spec_axes(sharding.spec, h.ndim)[1:])
-  dims = "abcdefghklmnopqr"[:leaf_ndim]
+  leaf_axes = _leaf_axes(h)
+  dims = "abcdefghklmnopqr"[:h.ndim - 1]
   gram = _sharding.einsum(f"i{dims},j{dims}->ij", h, h, out_axes=[(), ()])
+  weights = _weights(gram, jnp.log(scale), position, damping, exponent=exponent,
+                     damping_mode=damping_mode, use_cholesky=use_cholesky)
+  return _sharding.einsum(f"i,i{dims}->{dims}", weights, h, out_axes=leaf_axes)
+
+
+def _leaf_axes(x: jax.Array) -> list[tuple[str, ...]]:
+  """Mesh axes of a stacked history's leaf dims (none off an explicit mesh)."""
+  sharding = _sharding.explicit_sharding(x)
+  return [] if sharding is None else _sharding.spec_axes(sharding.spec, x.ndim)[1:]
+
+
+def _matvec(rows: jax.Array, vector: jax.Array) -> jax.Array:
+  """``<rows[i], vector>`` for each slot ``i`` of a stacked ``(s, *leaf)`` history."""
+  dims = "abcdefghklmnopqr"[:vector.ndim]
+  return _sharding.einsum(f"i{dims},{dims}->i", rows, vector, out_axes=[()])
+
+
+def _combine(weights: jax.Array, rows: jax.Array) -> jax.Array:
+  """``sum_i weights[i] rows[i]`` over the slots of a stacked history."""
+  dims = "abcdefghklmnopqr"[:rows.ndim - 1]
+  return _sharding.einsum(f"i,i{dims}->{dims}", weights, rows, out_axes=_leaf_axes(rows))
+
+
+def _replace_row_and_column(gram: jax.Array, slot: jax.Array, values: jax.Array) -> jax.Array:
+  """``gram`` with row and column ``slot`` (a one-hot mask) set to ``values`` (symmetric)."""
+  return jnp.where(slot[:, None], values[None, :], jnp.where(slot[None, :], values[:, None], gram))
+
+
+def _weights(gram, log_scale, position, damping, *, exponent, damping_mode, use_cholesky):
+  """The weights ``w`` of the direction ``sum_i w_i h_i`` (see :func:`natural_direction`).
+
+  ``h`` is the history rescaled so that its largest entry is 1, ``gram = h^T h`` (``s x s``),
+  ``log_scale`` the logarithm of that scale.
+  """
+  s = gram.shape[0]
   eps = jnp.finfo(jnp.float32).eps
   # The damping of the rescaled problem, lam / scale**2, and the powers below are formed as
   # logarithms: lam / scale**2 overflows float32 for gradients around 1e-20 (lam = 1e-3), and
   # the answer (about g / lam there) is still an ordinary number.
-  log_scale = jnp.log(scale)
   if damping_mode == "relative":
     log_lam = jnp.log(damping) + jnp.log(jnp.linalg.eigvalsh(gram)[-1])  # -inf: zero history
   else:
@@ -245,7 +324,7 @@ def natural_direction(history: jax.Array, position, damping, *, exponent: float 
                    + exponent * jnp.logaddexp(log_lam, log_eigenvalues))
     powered = jnp.where(resolved, jnp.exp(log_powered), 0.0)
     weights = eigenvectors @ (powered * (eigenvectors.T @ unit))
-  return _sharding.einsum(f"i,i{dims}->{dims}", weights, h, out_axes=leaf_axes)
+  return weights
 
 
 def rotate_state(state: WoodburyState, plan: Any, rotation: Any) -> WoodburyState:
@@ -253,19 +332,37 @@ def rotate_state(state: WoodburyState, plan: Any, rotation: Any) -> WoodburyStat
 
   Each stored gradient is a coefficient vector, so it rotates linearly with ``plan.rotate``.
   An int8 history is dequantised, rotated in float32 and quantised again, slot by slot (a fresh
-  absmax scale per slot).
+  absmax scale per slot). The kept Gram matrix and slot maxima are recomputed from the result.
   """
   if state.scales is None:
-    return state._replace(history=jax.tree.map(lambda h: plan.rotate(h, rotation),
-                                               state.history))
+    history = jax.tree.map(lambda h: plan.rotate(h, rotation), state.history)
+    scales = None
+  else:
+    def rotate_quantised(q, scales):
+      if q.size == 0:
+        return q, scales
+      return jax.vmap(_quantize)(plan.rotate(_dequantize(q, scales), rotation))
 
-  def rotate_quantised(q, scales):
-    if q.size == 0:
-      return q, scales
-    return jax.vmap(_quantize)(plan.rotate(_dequantize(q, scales), rotation))
+    history, scales = _tree.map_unzip(rotate_quantised, state.history, state.scales)
+  per_leaf = jax.tree.map(lambda _: None, history) if scales is None else scales
+  gram, maxima = _tree.map_unzip(_slot_statistics, history, per_leaf)
+  return state._replace(history=history, scales=scales, gram=gram, maxima=maxima)
 
-  history, scales = _tree.map_unzip(rotate_quantised, state.history, state.scales)
-  return state._replace(history=history, scales=scales)
+
+def _slot_statistics(history: jax.Array, scales: Optional[jax.Array]):
+  """The normalised Gram matrix and slot maxima of a stacked history, from scratch."""
+  s = history.shape[0]
+  rows = history.astype(jnp.float32)
+  if scales is not None:
+    maxima = _INT8_LEVELS * scales
+    units = rows / _INT8_LEVELS
+  else:
+    maxima = jnp.max(jnp.abs(rows.reshape(s, -1)), axis=1) if rows.size else jnp.zeros(s)
+    factor = 1.0 / jnp.where(maxima > 0, maxima, 1.0)
+    units = rows * factor.reshape((s,) + (1,) * (rows.ndim - 1))
+  dims = "abcdefghklmnopqr"[:rows.ndim - 1]
+  gram = _sharding.einsum(f"i{dims},j{dims}->ij", units, units, out_axes=[(), ()])
+  return gram, maxima
 
 
 def _is_int8(dtype: Any) -> bool:
@@ -275,9 +372,10 @@ def _is_int8(dtype: Any) -> bool:
     return False
 
 
-def _quantize(g: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _quantize(g: jax.Array, absmax: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """One gradient (float32) to int8 with a per-vector absmax scale: returns ``(q, scale)``."""
-  absmax = jnp.max(jnp.abs(g))
+  if absmax is None:
+    absmax = jnp.max(jnp.abs(g))
   safe = jnp.where(absmax > 0, absmax, 1.0)
   q = jnp.clip(jnp.round(g / safe * _INT8_LEVELS), -_INT8_LEVELS, _INT8_LEVELS)
   return q.astype(jnp.int8), absmax / _INT8_LEVELS
