@@ -15,6 +15,14 @@ presets (32k vocabulary) with a small batch so that it runs on a CPU:
   the state is donated to the step, every number is the median over rounds (with the minimum
   beside it: on a shared CPU the minimum is the least disturbed estimate), and each ratio is to
   AdamW measured in the same run.
+* **Collective bytes per step**: the same train step compiled as the trainer compiles it for a
+  ``--collectives-mesh`` (default ``data=2,fsdp=4``) on that many CPU devices (a subprocess
+  with ``--xla_force_host_platform_device_count``; nothing runs), its parameters and optimizer
+  state sharded by ``train.sharding``, and the bytes each kind of collective moves per device
+  counted in its HLO by ``train.sharding.collective_bytes`` (every instruction once: both
+  branches of the refresh ``lax.cond`` count, so this is the refresh step's traffic, an upper
+  bound on the ordinary step's). The batch is the smallest multiple of the mesh's batch split
+  not below ``--batch-size``.
 * The raw cost of the SVD of one ``--svd-shape`` matrix (default 2048 x 5461, a LLaMA-1B MLP
   kernel): exact thin SVD vs the randomized range finder at rank ``--svd-rank``, and the share
   of the exact top-r subspace's energy that the randomized one captures.
@@ -24,6 +32,7 @@ it is n/a unless ``--peak-tflops`` is given; achieved GFLOP/s (from
 ``LlamaConfig.flops_per_token``) is always reported.
 
 Run:  python -m benchmarks.speed [--presets tiny,60m] [--batch-size 2] [--seq-len 128]
+      [--collectives-mesh data=2,fsdp=4 | none]
 """
 
 from __future__ import annotations
@@ -37,7 +46,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
+import json
+import math
 import pathlib
+import re
+import subprocess
 import sys
 import time
 from typing import Any, Optional
@@ -55,15 +68,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.contrib.galore": ("optax_galore", {}),
     "ng.galore (exact SVD)": ("galore", {"svd_method": "exact"}),
     "ng.galore (randomized SVD)": ("galore", {"svd_method": "randomized"}),
-    "ng.natural_galore (exact SVD)": ("natural_galore", {"svd_method": "exact"}),
+    # The library's defaults: reverse_std, an int8 history of 4, exact SVD.
+    "ng.natural_galore (defaults)": ("natural_galore", {}),
     # The paper's setting (the library's default until the defaults were measured).
     "ng.natural_galore (std, float32 history 10)": (
         "natural_galore", {"svd_method": "exact", "proj_type": "std", "history_size": 10,
                            "history_dtype": "float32"}),
 }
 
+#: Collective kinds in the report's order (``train.sharding.COLLECTIVES``'s names).
+_COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                     "collective-permute")
+
 #: The GaLore paper's rank per preset (tiny: a quarter of its width).
 RANKS = {"tiny": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+
+
+def split_labels(text: str) -> list[str]:
+  """``--optimizers``' list: labels contain ", " (comma and space), a bare comma separates."""
+  return [v for v in re.split(r",(?! )", text) if v]
 
 
 def _model_config(preset: str, overrides: dict[str, Any]):
@@ -95,9 +118,7 @@ def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: 
 
   steps, states, compile_sec = {}, {}, {}
   for label in variants:
-    name, options = VARIANTS[label]
-    tx = _common.build_optimizer(
-        name, schedule, **_common.taken_options(name, rank=rank, update_proj_gap=gap), **options)
+    tx = _build_tx(label, rank, gap, schedule)
     fn = jax.jit(train_steps.make_train_step(graphdef, tx, schedule), donate_argnums=0)
     state0 = train_steps.TrainState(jnp.zeros((), jnp.int32), copy(params), tx.init(params),
                                     jax.random.PRNGKey(0))
@@ -155,6 +176,78 @@ def bench_preset(preset: str, *, batch_size: int, seq_len: int, rank: int, gap: 
           "rows": rows}
 
 
+def _build_tx(label: str, rank: int, gap: int, schedule: optax.Schedule):
+  name, options = VARIANTS[label]
+  return _common.build_optimizer(
+      name, schedule, **_common.taken_options(name, rank=rank, update_proj_gap=gap), **options)
+
+
+def collectives_here(preset: str, *, mesh_spec: str, batch_size: int, seq_len: int, rank: int,
+                     gap: int, variants: list[str],
+                     model_overrides: dict[str, Any]) -> dict[str, Any]:
+  """Per optimizer, bytes per collective kind of the train step compiled for ``mesh_spec``.
+
+  Compiled as ``train.build.compile_train_step`` compiles it (parameters sharded by
+  ``train.sharding.param_shardings``, optimizer state by ``train.sharding.state_shardings``,
+  state donated, traced under the mesh); needs the mesh's devices in this process.
+  """
+  from models import llama  # pylint: disable=import-outside-toplevel
+  from train import sharding  # pylint: disable=import-outside-toplevel
+  from train import steps as train_steps  # pylint: disable=import-outside-toplevel
+
+  mesh = sharding.make_mesh(mesh_spec)
+  cfg = _model_config(preset, model_overrides)
+  graphdef, abstract_params = llama.abstract_params(cfg)
+  param_sh = sharding.param_shardings(mesh, abstract_params)
+  abstract_params = sharding.with_shardings(abstract_params, param_sh)
+  batch_sh = sharding.batch_sharding(mesh)
+  entry = batch_sh.spec[0]
+  ways = math.prod(mesh.shape[a] for a in (() if entry is None else
+                                           (entry,) if isinstance(entry, str) else entry))
+  batch_size = -(-batch_size // ways) * ways
+  abstract_batch = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=batch_sh)
+  schedule = optax.constant_schedule(1e-3)
+  repl = sharding.replicated(mesh)
+  rows = {}
+  for label in variants:
+    tx = _build_tx(label, rank, gap, schedule)
+    state_sh = train_steps.TrainState(repl, param_sh, sharding.state_shardings(tx, abstract_params),
+                                      repl)
+    abstract = sharding.with_shardings(jax.eval_shape(
+        lambda p, tx=tx: train_steps.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
+                                                jax.random.PRNGKey(0)), abstract_params), state_sh)
+    step = jax.jit(train_steps.make_train_step(graphdef, tx, schedule),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                   donate_argnums=0)
+    with jax.set_mesh(mesh):
+      compiled = step.lower(abstract, abstract_batch).compile()
+    rows[label] = sharding.collective_bytes(compiled)
+    print(f"  {preset}: collectives of {label} on {mesh_spec}: "
+          f"{sum(rows[label].values()) / 2**20:.1f} MiB", flush=True)
+  return {"mesh": mesh_spec, "devices": math.prod(mesh.shape.values()), "batch_size": batch_size,
+          "seq_len": seq_len, "bytes": rows}
+
+
+def bench_collectives(preset: str, *, mesh_spec: str, **kwargs: Any) -> dict[str, Any]:
+  """:func:`collectives_here` in a subprocess with as many host CPU devices as the mesh needs."""
+  from train import config as train_config  # pylint: disable=import-outside-toplevel
+  devices = math.prod(train_config.parse_mesh(mesh_spec).values())
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = " ".join(
+      [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+      + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  request = json.dumps(dict(preset=preset, mesh_spec=mesh_spec, **kwargs))
+  out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--collectives-request", request],
+                       env=env, check=False, capture_output=True, text=True,
+                       cwd=pathlib.Path(__file__).resolve().parent.parent)
+  if out.returncode:
+    raise RuntimeError(f"collective-bytes subprocess failed:\n{out.stderr[-4000:]}")
+  sys.stdout.write("".join(line + "\n" for line in out.stdout.splitlines()
+                           if not line.startswith("{")))
+  return json.loads(out.stdout.splitlines()[-1])
+
+
 def bench_svd(shape: tuple[int, int], rank: int, repeats: int) -> dict[str, Any]:
   """Exact thin SVD vs randomized top-``rank`` subspace of one ``shape`` float32 matrix.
 
@@ -204,8 +297,8 @@ def report(results: dict[str, Any]) -> str:
     for r in p["rows"]:
       both = lambda key, pattern="{:.0f}": (
           "-" if r[key] is None else f"{pattern.format(r[key])} ({pattern.format(r[key + '_min'])})")
-      rows.append([r["optimizer"], both("step_ms"), both("refresh_step_ms"),
-                   both("amortised_step_ms"), both("tokens_per_sec"),
+      rows.append([r["optimizer"], both("step_ms"), both("step_vs_adamw", "{:.2f}x"),
+                   both("refresh_step_ms"), both("amortised_step_ms"), both("tokens_per_sec"),
                    both("amortised_vs_adamw", "{:.2f}x"), both("gflops_per_sec"),
                    _fmt(r["mfu"], "{:.1%}") if r["mfu"] else "n/a (CPU)",
                    _fmt(r["compile_sec"])])
@@ -215,8 +308,20 @@ def report(results: dict[str, Any]) -> str:
         f"update_proj_gap={p['update_proj_gap']}). Median (min) of {p['repeats']} interleaved "
         "rounds.\n\n"
         + _common.markdown_table(
-            ["optimizer", "step ms", "refresh step ms", "amortised ms", "tokens/s",
+            ["optimizer", "step ms", "step / adamw", "refresh step ms", "amortised ms", "tokens/s",
              "amortised / adamw", "GFLOP/s", "MFU", "compile s"], rows))
+    c = p.get("collectives")
+    if c:
+      kinds = [k for k in _COLLECTIVE_KINDS if any(b.get(k) for b in c["bytes"].values())]
+      mib = lambda n: f"{n / 2**20:.1f}"
+      parts.append(
+          f"Collective bytes per step of the {p['preset']} train step on a `{c['mesh']}` mesh "
+          f"({c['devices']} CPU devices, batch {c['batch_size']} x seq {c['seq_len']}): MiB per "
+          "device, per kind, from the compiled HLO (both branches of the refresh count).\n\n"
+          + _common.markdown_table(
+              ["optimizer"] + kinds + ["total"],
+              [[label] + [mib(b.get(k, 0)) for k in kinds] + [mib(sum(b.values()))]
+               for label, b in c["bytes"].items()]))
   s = results.get("svd")
   if s:
     parts.append(_common.markdown_table(
@@ -250,13 +355,19 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="peak TFLOP/s for MFU (default: looked up; n/a on CPU)")
   parser.add_argument("--out", type=pathlib.Path, default=_common.RESULTS_DIR / "speed.json")
+  parser.add_argument("--collectives-mesh", default="data=2,fsdp=4",
+                      help="mesh of the collective-bytes count (CPU devices), or 'none' to skip")
+  parser.add_argument("--collectives-request", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--report", action="store_true", help="only print the tables of --out")
   args = parser.parse_args(argv)
   if args.report:
     print(report(_common.read_json(args.out)))
     return 0
+  if args.collectives_request:  # the subprocess of bench_collectives
+    print(json.dumps(collectives_here(**json.loads(args.collectives_request))))
+    return 0
 
-  variants = [v for v in args.optimizers.split(",") if v]
+  variants = split_labels(args.optimizers)
   if any(v not in VARIANTS for v in variants):
     parser.error(f"unknown optimizer in {variants}; known: {list(VARIANTS)}")
   overrides = {}
@@ -274,7 +385,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     rank = args.rank or RANKS[preset]
     results["presets"].append(bench_preset(
         preset, batch_size=args.batch_size, seq_len=args.seq_len, rank=rank,
-        gap=args.update_proj_gap, repeats=args.repeats, variants=variants, peak_flops=peak, model_overrides=overrides))
+        gap=args.update_proj_gap, repeats=args.repeats, variants=variants, peak_flops=peak,
+        model_overrides=overrides))
+    if args.collectives_mesh != "none":
+      results["presets"][-1]["collectives"] = bench_collectives(
+          preset, mesh_spec=args.collectives_mesh, batch_size=args.batch_size,
+          seq_len=args.seq_len, rank=rank, gap=args.update_proj_gap, variants=variants,
+          model_overrides=overrides)
     _common.update_json(args.out, lambda data: data.update(results))
   if args.svd_shape != "none":
     m, n = (int(x) for x in args.svd_shape.lower().split("x"))
