@@ -96,6 +96,12 @@ def woodbury_precondition(
   quarter of a float32 history. Since the current gradient is used at full precision, the
   quantisation only perturbs the curvature estimate, never the gradient being preconditioned.
 
+  **Cost per step.** The state keeps the ``s x s`` Gram matrix of the stored slots (each
+  normalised by its largest entry) beside the history, and a step replaces one row and column of
+  it: the history is written in place (one slot) and read in two matrix-vector products (the
+  new gradient's inner products with the slots, and the combination of the slots), instead of
+  forming :math:`H^\top H` each step. The solve sees the same matrix up to float32 rounding.
+
   A zero-size leaf is passed through (its update is the same empty array) and its history is
   empty too.
 
