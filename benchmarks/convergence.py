@@ -66,8 +66,8 @@ from benchmarks import _common
 from train import optimizers as train_optimizers
 
 #: name -> (registered optimizer of :mod:`train.optimizers`, its options). The base runs keep
-#: Adam's moments on a refresh (galore-torch's behaviour), pinned because the library's default
-#: is "rotate" (the refresh ablation of the ``small`` setting).
+#: Adam's moments on a refresh (galore-torch's behaviour), pinned although it is now also the
+#: library's default (it was "rotate" when most of these runs were made).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adamw": ("adamw", {}),
     "optax_galore": ("optax_galore", {}),
@@ -108,9 +108,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "natural_galore_full_int8": ("natural_galore", dict(
         exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=4,
         history_dtype="int8", refresh_policy="keep", proj_type="full")),
-    # The libraries' defaults (reverse_std, refresh "rotate"; Natural GaLore: int8 history of 4).
+    # The libraries' defaults (reverse_std, refresh "keep"; Natural GaLore: int8 history of 4):
+    # the same runs as galore_reverse and natural_galore_reverse_int8 since "keep" became the
+    # default, kept so that a later change of a default shows up here.
     "galore_defaults": ("galore", {}),
     "natural_galore_defaults": ("natural_galore", {}),
+    # The former defaults (refresh "rotate"), measured behind "keep" at d256.
+    "galore_reverse_rotate": ("galore", dict(refresh_policy="rotate", proj_type="reverse_std")),
+    "natural_galore_reverse_int8_rotate": ("natural_galore", dict(
+        exponent=-1.0, damping=1e-3, damping_mode="absolute", history_size=4,
+        history_dtype="int8", refresh_policy="rotate", proj_type="reverse_std")),
     # The alternatives (each at the library's/authors' defaults, rank and gap of the setting).
     "fira": ("fira", {}),
     "apollo": ("apollo", {}),

@@ -212,8 +212,8 @@ def galore(
   ``galore_projection(scale_by_adam)`` on the leaves selected by ``mask`` (default: every leaf
   with ndim >= 2), plain Adam on the others, then ``add_decayed_weights`` on the full-size
   parameters and the learning rate: the optax counterpart of galore-torch's ``GaLoreAdamW``
-  (equal to it with ``proj_type="std", refresh_policy="keep"``; the defaults here differ where
-  measurement chose otherwise, see ``proj_type`` and ``refresh_policy``).
+  (equal to it with ``proj_type="std"``; the default side differs because measurement chose
+  otherwise, see ``proj_type``).
 
   Args:
     learning_rate: A float or an ``optax`` schedule.

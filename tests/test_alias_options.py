@@ -22,7 +22,7 @@ OPTIONS = {
     "update_proj_gap": (dict(update_proj_gap=1), {}),
     "scale": (dict(scale=0.5), {}),
     "proj_type": (dict(proj_type="std"), {}),
-    "refresh_policy": (dict(refresh_policy="keep"), {}),
+    "refresh_policy": (dict(refresh_policy="rotate"), {}),
     "svd_method": (dict(svd_method="randomized"), dict(oversampling=1)),
     "oversampling": (dict(oversampling=2), RANDOMIZED),
     "power_iterations": (dict(power_iterations=0), RANDOMIZED),
