@@ -14,7 +14,9 @@ and each layer's optimizer update applied as soon as its gradient exists
 (:mod:`train.per_layer`); it prints XLA's memory analysis for AdamW, 8-bit AdamW, GaLore 8-bit
 and Natural GaLore 8-bit, one line each ending ``peak N GiB``. ``--mechanism xla`` compiles the
 plain step instead (``value_and_grad``, ``tx.update``, ``apply_updates``; no clipping), to see
-what XLA's scheduling alone does with it.
+what XLA's scheduling alone does with it; ``--fit-dtype float32`` and ``--layers N`` give
+cheaper variants of the same step (the figures are XLA:CPU's; see :mod:`train.per_layer` for
+the float32 weight copies it makes for bfloat16 matmuls).
 
 Run:  python -m benchmarks.memory [--presets 60m,1b,7b] [--fsdp 8] [--compiled]
       python -m benchmarks.memory --fit 7b [--seq 2048] [--fsdp 8] [--mechanism xla]
@@ -268,11 +270,11 @@ def fit(preset: str, *, seq: int, batch: int = 1, fsdp: int = 0, mechanism: str 
         variants: dict[str, tuple[str, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
   """The ``--fit`` rows of ``preset`` (``config`` and ``rank`` override the preset's)."""
   config = fit_config(preset) if config is None else config
+  rank = PAPER_RANKS[preset] if rank is None else rank
   preset = preset if config.num_layers == llama.CONFIGS.get(preset, config).num_layers else (
       f"{preset} ({config.num_layers} layers)")
   if config.param_dtype != "bfloat16":
     preset += f" {config.param_dtype}"
-  rank = PAPER_RANKS[preset] if rank is None else rank
   mesh = jax.make_mesh((fsdp,), ("fsdp",)) if fsdp else None
   rows = []
   for label, (name, options) in (FIT_VARIANTS if variants is None else variants).items():
@@ -322,7 +324,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   if args.fit:
-    print(f"Train step of {args.fit} (bf16, remat, batch 1): XLA memory_analysis; peak = "
+    print(f"Train step of {args.fit} ({args.fit_dtype}, remat, batch 1): XLA memory_analysis; peak = "
           "arguments + outputs - donated + temporaries\n", flush=True)
     rows = fit(args.fit, seq=args.seq, fsdp=args.fsdp, mechanism=args.mechanism,
                config=fit_config(args.fit, args.fit_dtype, args.layers),
