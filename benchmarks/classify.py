@@ -28,8 +28,8 @@ difference to LoRA at the same rank (same seed, so same batches and head), state
 average GLUE scores the Natural GaLore paper reports for RoBERTa-base beside them.
 
 Run (all-MiniLM-L6-v2 and the sentiment sentences come from installed packages; 64 tokens
-truncate 6 of the 10,568 sentences). The table's 14 runs took about 1.7 hours as three such
-commands side by side (they share the runs out) on two heavily shared CPU cores:
+truncate 6 of the 10,568 sentences). Commands started side by side share the runs out; on two
+CPU cores shared with other jobs, three of them took 14 to 44 minutes a run:
 
   python -m benchmarks.classify --steps 100 --batch-size 16 --seq-len 64 --seeds 2 --ranks 8,4 \\
       --optimizers adamw,natural_galore,galore,lora
@@ -240,6 +240,11 @@ def summarize(data: dict[str, Any]) -> dict[tuple[str, Optional[int], float], di
         "mcc": [runs[s]["mcc_final"] for s in seeds if runs[s]["mcc_final"] is not None],
         "delta": [runs[s]["accuracy_final"] - base[s]["accuracy_final"] for s in paired],
         "optimizer_state_bytes": first["optimizer_state_bytes"],
+        # GaLore-style: projectors, projected moments, Natural GaLore's gradient history; the
+        # rest ("other") is AdamW's state of the leaves left unprojected (embeddings, head).
+        "projected_state_bytes": (first["optimizer_state"]["total"]
+                                  - first["optimizer_state"]["other"]
+                                  if first["optimizer_state"].get("projectors") else None),
         "trainable_param_bytes": first["trainable_param_bytes"],
         "wall_time_sec": statistics.median(runs[s]["wall_time_sec"] for s in seeds),
     }
@@ -264,7 +269,7 @@ def report(out: pathlib.Path) -> str:
     lrs[name].add(lr)
   header = ["optimizer", "rank", "lr", "seeds", "acc @ step 0 (%)", "acc final (%)",
             f"Δ acc vs {BASELINE} same rank (pts, paired)", "F1 final", "MCC final",
-            "optimizer state (MiB)", "trainable params (MiB)", "wall per run (min)",
+            "optimizer state (MiB)", "of it, projected kernels' (MiB)", "trainable params (MiB)", "wall per run (min)",
             "paper: GLUE avg, RoBERTa-base"]
   table = []
   for (name, rank, lr), r in rows.items():
@@ -275,7 +280,9 @@ def report(out: pathlib.Path) -> str:
         _common.mean_std(r["final"], 100),
         "-" if not r["delta"] else f"{_common.mean_std(r['delta'], 100)} (n={len(r['delta'])})",
         _common.mean_std(r["f1"], digits=3), _common.mean_std(r["mcc"], digits=3),
-        f"{r['optimizer_state_bytes'] / MIB:.2f}", f"{r['trainable_param_bytes'] / MIB:.2f}",
+        f"{r['optimizer_state_bytes'] / MIB:.2f}",
+        "-" if r["projected_state_bytes"] is None else f"{r['projected_state_bytes'] / MIB:.2f}",
+        f"{r['trainable_param_bytes'] / MIB:.2f}",
         f"{r['wall_time_sec'] / 60:.1f}", "-" if paper is None else f"{paper:.2f}"])
   first = next(iter(rows.values()))["runs"]
   record = first[min(first)]
